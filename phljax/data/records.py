@@ -1,0 +1,133 @@
+"""Molecule records: one labelled geometry, host-side numpy, internal units (eV, Angstrom).
+
+A record is what every reader produces and every batcher consumes. Labels that a data set does
+not have are `None`; a record may carry a full Hessian, or only probe vectors with their reference
+Hessian-vector products (the Hessian-free labels PHL is made for), or neither.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from ase.data import atomic_numbers, chemical_symbols
+
+__all__ = ["Molecule", "to_atomic_numbers", "formula"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Molecule:
+    """One labelled geometry.
+
+    Attributes:
+        numbers: atomic numbers, int [n_atoms].
+        positions: Cartesian positions, [n_atoms, 3] Angstrom.
+        energy: total energy, eV (None if unlabelled).
+        forces: forces = -dE/dR, [n_atoms, 3] eV/Angstrom.
+        hessian: d2E/dR dR, [n_atoms, 3, n_atoms, 3] eV/Angstrom^2.
+        hvp_probes: probe vectors v, [n_probes, n_atoms, 3] (dimensionless).
+        hvps: reference products H v, [n_probes, n_atoms, 3] eV/Angstrom^2.
+        meta: free-form provenance (name, category, reaction id, source file/key/index).
+    """
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    energy: float | None = None
+    forces: np.ndarray | None = None
+    hessian: np.ndarray | None = None
+    hvp_probes: np.ndarray | None = None
+    hvps: np.ndarray | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        where = self.meta.get("origin", "molecule")
+        numbers = np.asarray(self.numbers)
+        if numbers.ndim != 1 or not np.issubdtype(numbers.dtype, np.integer):
+            raise ValueError(f"{where}: numbers must be an int array [n_atoms], got {numbers.dtype} {numbers.shape}")
+        n = numbers.shape[0]
+        if n == 0:
+            raise ValueError(f"{where}: a molecule needs at least one atom")
+        if np.any(numbers < 1) or np.any(numbers >= len(chemical_symbols)):
+            raise ValueError(f"{where}: unknown atomic number(s) {sorted(set(numbers[(numbers < 1)].tolist()))}")
+        object.__setattr__(self, "numbers", numbers.astype(np.int32))
+        shapes = {
+            "positions": (n, 3),
+            "forces": (n, 3),
+            "hessian": (n, 3, n, 3),
+        }
+        for name, shape in shapes.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = np.asarray(value, dtype=np.float64)
+            if name == "hessian" and value.shape == (3 * n, 3 * n):
+                value = value.reshape(n, 3, n, 3)
+            if value.shape != shape:
+                raise ValueError(f"{where}: {name} has shape {value.shape}, expected {shape} for {n} atoms")
+            _check_finite(value, name, where)
+            object.__setattr__(self, name, value)
+        if self.energy is not None:
+            energy = float(self.energy)
+            _check_finite(np.asarray(energy), "energy", where)
+            object.__setattr__(self, "energy", energy)
+        if (self.hvp_probes is None) != (self.hvps is None):
+            raise ValueError(f"{where}: hvp_probes and hvps come together")
+        if self.hvp_probes is not None:
+            probes = np.asarray(self.hvp_probes, dtype=np.float64)
+            hvps = np.asarray(self.hvps, dtype=np.float64)
+            if probes.ndim != 3 or probes.shape[1:] != (n, 3) or hvps.shape != probes.shape:
+                raise ValueError(
+                    f"{where}: hvp_probes {probes.shape} and hvps {hvps.shape} must both be [n_probes, {n}, 3]"
+                )
+            _check_finite(probes, "hvp_probes", where)
+            _check_finite(hvps, "hvps", where)
+            object.__setattr__(self, "hvp_probes", probes)
+            object.__setattr__(self, "hvps", hvps)
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.numbers.shape[0])
+
+    @property
+    def num_probes(self) -> int:
+        return 0 if self.hvp_probes is None else int(self.hvp_probes.shape[0])
+
+
+def _check_finite(value: np.ndarray, name: str, where: str) -> None:
+    bad = ~np.isfinite(value)
+    if np.any(bad):
+        index = tuple(int(i) for i in np.argwhere(bad)[0]) if value.ndim else ()
+        raise ValueError(f"{where}: {name} has a non-finite value at index {index}")
+
+
+def to_atomic_numbers(species, where: str = "species") -> np.ndarray:
+    """Element symbols (str or bytes) or atomic numbers -> int32 atomic numbers [n_atoms].
+
+    Raises:
+        ValueError: naming `where` and the index of an unknown element.
+    """
+    species = np.asarray(species)
+    if np.issubdtype(species.dtype, np.integer):
+        out = species.astype(np.int32)
+        bad = (out < 1) | (out >= len(chemical_symbols))
+        if np.any(bad):
+            i = int(np.argmax(bad))
+            raise ValueError(f"{where}: unknown atomic number {int(out[i])} at index {i}")
+        return out
+    out = np.empty(species.shape, np.int32)
+    for i, s in enumerate(species.tolist()):
+        symbol = s.decode() if isinstance(s, bytes) else str(s)
+        symbol = symbol.strip()
+        symbol = symbol[:1].upper() + symbol[1:].lower()
+        if symbol not in atomic_numbers or symbol == "X":
+            raise ValueError(f"{where}: unknown element {symbol!r} at index {i}")
+        out[i] = atomic_numbers[symbol]
+    return out
+
+
+def formula(numbers: np.ndarray) -> str:
+    """Hill formula, e.g. [6, 1, 1, 8] -> 'CH2O'."""
+    from ase.formula import Formula
+
+    return Formula.from_list([chemical_symbols[z] for z in numbers]).format("hill")
