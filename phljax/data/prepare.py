@@ -1,0 +1,92 @@
+"""Data preparation: loading, deterministic splits, per-element reference energies, scales."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from importlib import resources
+
+import numpy as np
+
+from phljax.data.batching import edges_within
+from phljax.data.hdf5 import read_h5
+from phljax.data.records import Molecule
+
+__all__ = [
+    "bundled_path",
+    "load",
+    "split",
+    "fit_atomic_energies",
+    "force_rms",
+    "mean_neighbors",
+    "check_elements",
+]
+
+
+def bundled_path(name: str = "chon_nms_small.h5") -> str:
+    """Path of a data set shipped with phljax (see phljax/data/bundled/DATA_CARD.md)."""
+    path = resources.files("phljax.data") / "bundled" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"bundled data set {name!r} not found at {path}")
+    return os.fspath(path)
+
+
+def load(paths: Sequence[str], *, energy_unit: str | None = None, length_unit: str | None = None) -> list[Molecule]:
+    """Read and concatenate HDF5 files (eV, Angstrom); `meta['file']` records each record's file."""
+    molecules = []
+    for path in paths:
+        for m in read_h5(path, energy_unit=energy_unit, length_unit=length_unit):
+            m.meta["file"] = os.path.basename(path)
+            molecules.append(m)
+    return molecules
+
+
+def split(n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Deterministic random split of range(n) into len(fractions) index arrays (sorted)."""
+    fractions = np.asarray(fractions, dtype=float)
+    if np.any(fractions < 0) or not np.isclose(fractions.sum(), 1.0):
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions.tolist()}")
+    order = np.random.default_rng(seed).permutation(n)
+    bounds = np.round(np.cumsum(fractions)[:-1] * n).astype(int)
+    return tuple(np.sort(part) for part in np.split(order, bounds))
+
+
+def check_elements(molecules: Sequence[Molecule], elements: Sequence[int]) -> None:
+    """Raise a ValueError naming the first record with an element the model does not know."""
+    known = set(int(z) for z in elements)
+    for i, m in enumerate(molecules):
+        bad = set(m.numbers.tolist()) - known
+        if bad:
+            where = m.meta.get("origin", f"molecule {i}")
+            raise ValueError(f"{where}: element(s) {sorted(bad)} not in the model's elements {sorted(known)}")
+
+
+def fit_atomic_energies(molecules: Sequence[Molecule], elements: Sequence[int]) -> np.ndarray:
+    """Per-element reference energies (eV) by least squares: E ~ sum_i e[Z_i].
+
+    Returns:
+        [len(elements)] eV. Elements absent from the data get 0.
+    """
+    check_elements(molecules, elements)
+    index = {int(z): k for k, z in enumerate(elements)}
+    counts = np.zeros((len(molecules), len(elements)))
+    for i, m in enumerate(molecules):
+        for z in m.numbers:
+            counts[i, index[int(z)]] += 1
+    energies = np.array([m.energy for m in molecules])
+    coef, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    return np.where(counts.sum(0) > 0, coef, 0.0)
+
+
+def force_rms(molecules: Sequence[Molecule]) -> float:
+    """Root mean square force component, eV/A (NequIP's energy scale); 1.0 if all forces are zero."""
+    f = np.concatenate([m.forces.ravel() for m in molecules])
+    rms = float(np.sqrt(np.mean(f**2)))
+    return rms if rms > 0 else 1.0
+
+
+def mean_neighbors(molecules: Sequence[Molecule], cutoff: float) -> float:
+    """Average number of neighbours within `cutoff` Angstrom (normalises message sums)."""
+    edges = sum(len(edges_within(m.positions, cutoff)[0]) for m in molecules)
+    atoms = sum(m.n_atoms for m in molecules)
+    return max(edges / atoms, 1.0)

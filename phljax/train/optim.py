@@ -1,0 +1,36 @@
+"""The optimizer, built in one place from optax pieces."""
+
+from __future__ import annotations
+
+import optax
+
+__all__ = ["make_optimizer", "learning_rate_scale"]
+
+
+def make_optimizer(
+    learning_rate: float,
+    *,
+    weight_decay: float = 0.0,
+    grad_clip: float = 10.0,
+    lr_factor: float = 0.5,
+    lr_patience: int = 15,
+    steps_per_epoch: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+    """Clip -> AdamW -> reduce-on-plateau.
+
+    The plateau transform reads `value=` passed to `update` (the train step passes the previous
+    epoch's validation loss) and averages it over `steps_per_epoch` updates, so `lr_patience`
+    counts epochs.
+    """
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(learning_rate, weight_decay=weight_decay),
+        optax.contrib.reduce_on_plateau(
+            factor=lr_factor, patience=lr_patience, accumulation_size=steps_per_epoch, min_scale=1e-3
+        ),
+    )
+
+
+def learning_rate_scale(opt_state) -> float:
+    """Current plateau scale of the learning rate (1.0 until the first reduction)."""
+    return float(opt_state[-1].scale)
