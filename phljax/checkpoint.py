@@ -48,6 +48,14 @@ class Checkpointer:
         """The best saved state (lowest validation loss), or None."""
         return self._restore(self.best, target)
 
+    def best_params(self):
+        """Parameters of the best checkpoint (or the latest if no best was kept), without a target."""
+        for manager in (self.best, self.latest):
+            step = manager.latest_step()
+            if step is not None:
+                return manager.restore(step, args=ocp.args.StandardRestore())["state"]["params"]
+        raise FileNotFoundError(f"no checkpoint under {os.path.dirname(self.best.directory)}")
+
     def close(self) -> None:
         self.latest.close()
         self.best.close()

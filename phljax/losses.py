@@ -126,6 +126,7 @@ def make_loss_fn(energy_fn: EnergyFn, config: LossConfig, *, hessian_chunk: int 
     can add sums and counts across devices before dividing. `metrics` are sums over real graphs
     of each term (and squared errors), to be divided by `n_graphs`.
     """
+
     def loss_fn(params, batch: GraphBatch, key: jax.Array):
         def total(r):
             e = energy_fn(params, batch._replace(positions=r))  # [G]

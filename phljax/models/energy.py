@@ -64,5 +64,11 @@ def make_energy_fn(model: NequIP) -> EnergyFn:
 def init_params(model: NequIP, batch: GraphBatch, key: jax.Array):
     """Initialise parameters on one batch's shapes."""
     return model.init(
-        key, jnp.asarray(batch.positions), batch.numbers, batch.senders, batch.receivers, batch.edge_mask, batch.node_mask
+        key,
+        jnp.asarray(batch.positions),
+        batch.numbers,
+        batch.senders,
+        batch.receivers,
+        batch.edge_mask,
+        batch.node_mask,
     )

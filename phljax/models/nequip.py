@@ -90,12 +90,14 @@ class NequIP(nn.Module):
         one_hot = jax.nn.one_hot(species, len(self.elements), dtype=positions.dtype)
 
         vectors, lengths, mask = safe_edge_geometry(positions[receivers] - positions[senders], edge_mask)
-        sh = e3nn.spherical_harmonics(e3nn.Irreps.spherical_harmonics(self.lmax), vectors, normalize=True, normalization="component")
+        sh = e3nn.spherical_harmonics(
+            e3nn.Irreps.spherical_harmonics(self.lmax), vectors, normalize=True, normalization="component"
+        )
         radial = e3nn.bessel(lengths, self.num_radial, x_max=self.cutoff)  # [n_edges, num_radial]
         # NequIP's p=6 envelope, smooth to second order at the cutoff; zero on masked edges.
         envelope = jnp.where(mask, e3nn.poly_envelope(5, 2, x_max=self.cutoff)(lengths), 0.0)  # [n_edges]
 
-        hidden = e3nn.Irreps([(self.channels, (l, (-1) ** l)) for l in range(self.lmax + 1)])
+        hidden = e3nn.Irreps([(self.channels, (ell, (-1) ** ell)) for ell in range(self.lmax + 1)])
         features = e3nn.flax.Linear(f"{self.channels}x0e")(e3nn.IrrepsArray(f"{len(self.elements)}x0e", one_hot))
         for _ in range(self.num_layers):
             features = _Interaction(hidden, self.avg_num_neighbors, self.radial_hidden)(

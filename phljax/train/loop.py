@@ -53,7 +53,7 @@ class Run:
         self._check_labels(train)
 
         atomic_energies = phdata.fit_atomic_energies(train, config.elements)
-        self.model = build_model(
+        self.model_spec = dict(
             elements=config.elements,
             channels=config.channels,
             num_layers=config.num_layers,
@@ -65,6 +65,7 @@ class Run:
             atomic_energies=atomic_energies.tolist(),
             scale=phdata.force_rms(train),
         )
+        self.model = build_model(**self.model_spec)
         self.energy_fn = make_energy_fn(self.model)
         self.has_hessian = all(m.hessian is not None for m in self.molecules)
         num_stored = min((m.num_probes for m in self.molecules), default=0)
@@ -102,8 +103,12 @@ class Run:
         items = self.subset(name)
         index = np.array([i for i, _ in items])
         mols = [m for _, m in items]
-        for batch in phdata.iterate_batches(mols, self.budget, self.config.cutoff, shuffle_seed=shuffle_seed, dtype=self.dtype):
-            yield batch._replace(graph_index=np.where(batch.graph_index >= 0, index[batch.graph_index], -1).astype(np.int32))
+        for batch in phdata.iterate_batches(
+            mols, self.budget, self.config.cutoff, shuffle_seed=shuffle_seed, dtype=self.dtype
+        ):
+            yield batch._replace(
+                graph_index=np.where(batch.graph_index >= 0, index[batch.graph_index], -1).astype(np.int32)
+            )
 
     def global_batches(self, name: str, shuffle_seed: int | None = None):
         """Global batches of `batch_size` molecules, split evenly into one padded batch per device
@@ -119,7 +124,9 @@ class Run:
             parts = [chunk[d * per : (d + 1) * per] for d in range(self.n_devices)]
             yield stack(
                 [
-                    phdata.make_batch([self.molecules[i] for i in part], self.budget, self.config.cutoff, part, self.dtype)
+                    phdata.make_batch(
+                        [self.molecules[i] for i in part], self.budget, self.config.cutoff, part, self.dtype
+                    )
                     for part in parts
                 ]
             )
@@ -159,6 +166,8 @@ def train(config: Config, run: Run | None = None) -> dict:
     """
     run = run or prepare(config)
     _check_workdir(config)
+    with open(os.path.join(config.workdir, "model.json"), "w") as f:
+        json.dump(run.model_spec, f, indent=2)  # everything evaluate.py needs to rebuild the model
     optimizer = make_optimizer(
         config.learning_rate,
         weight_decay=config.weight_decay,
@@ -192,7 +201,13 @@ def train(config: Config, run: Run | None = None) -> dict:
 
     metrics_path = os.path.join(config.workdir, "metrics.jsonl")
     best_val, bad, monitor = float(record["best_val"]), int(record["bad_epochs"]), float(record["monitor"])
-    epochs = tqdm(range(start, config.epochs), initial=start, total=config.epochs, disable=not config.progress, desc=SCHEMES[config.probe])
+    epochs = tqdm(
+        range(start, config.epochs),
+        initial=start,
+        total=config.epochs,
+        disable=not config.progress,
+        desc=SCHEMES[config.probe],
+    )
     for epoch in epochs:
         if config.early_stopping and bad >= config.early_stopping:
             break
@@ -256,13 +271,19 @@ def _epoch_times(workdir: str) -> list[float]:
 
 
 def _finish(config: Config, run: Run, params) -> dict:
-    eval_step = jax.jit(make_eval_step(run.energy_fn, with_hessian=run.has_hessian, hessian_chunk=config.hessian_chunk or None))
+    eval_step = jax.jit(
+        make_eval_step(run.energy_fn, with_hessian=run.has_hessian, hessian_chunk=config.hessian_chunk or None)
+    )
     subsets = {"test": [m for _, m in run.subset("test")]}
     categories = sorted({str(m.meta["category"]) for m in subsets["test"] if "category" in m.meta})
     if len(categories) > 1:
         for c in categories:
             subsets[f"test/{c}"] = [m for m in subsets["test"] if str(m.meta.get("category")) == c]
-    errors = {name: accumulate_errors(eval_step, params, mols, run.budget, config.cutoff, run.dtype) for name, mols in subsets.items() if mols}
+    errors = {
+        name: accumulate_errors(eval_step, params, mols, run.budget, config.cutoff, run.dtype)
+        for name, mols in subsets.items()
+        if mols
+    }
     times = _epoch_times(config.workdir)
     steady = times[1:] or times  # the first epoch includes compilation
     results = {
