@@ -1,0 +1,170 @@
+"""The data card of the bundled NMS set, rendered from the cache summary (so it never drifts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+REGENERATE = (
+    "pip install -e '.[data]'\n"
+    "OMP_NUM_THREADS=2 nice -n 10 python experiments/make_bundled_data.py   # run/resume, then assemble\n"
+    "python experiments/make_bundled_data.py --assemble                    # assemble a (partial) cache"
+)
+
+
+_HEADER = (
+    "| name | formula | atoms | geometries | E(minimum) / Hartree | E - E_min mean / max, kcal/mol "
+    "| displacement rms / max, Angstrom | sum-rule error median / max (rel.) | compute "
+    "| harmonic frequencies at the minimum, cm^-1 |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def render_data_card(summary: dict[str, Any], config: dict[str, Any], h5_name: str) -> str:
+    """Markdown data card of the bundled data set.
+
+    Args:
+        summary: :func:`phljax.datagen.pipeline.summarize` of the cache (with ``cache_dir``).
+        config: ``dataclasses.asdict`` of the :class:`~phljax.datagen.pipeline.NMSConfig` used.
+        h5_name: file name of the HDF5 file the card describes.
+
+    Returns:
+        The card as a markdown string.
+    """
+    level = summary.get("level", config["level"])
+    mols = summary["molecules"]
+    target = len(config["molecules"]) * (config["n_samples"] + 1)
+    complete = summary["n_geometries"] + summary.get("n_rejected", 0) >= target
+    rows = []
+    for name, m in mols.items():
+        freqs = ", ".join(f"{f:.0f}" for f in m.get("freq_cm", []))
+        rows.append(
+            f"| {name} | {m['formula']} | {m['n_atoms']} | {m['n_geometries']} | "
+            f"{m['energy_minimum_hartree']:.6f} | {m['energy_above_min_kcal_mean']:.2f} / "
+            f"{m['energy_above_min_kcal_max']:.2f} | {m.get('rms_displacement_A', float('nan')):.3f} / "
+            f"{m.get('max_displacement_A', float('nan')):.3f} | {m['sum_rule_rel_median']:.1e} / "
+            f"{m['sum_rule_rel_max']:.1e} | {_fmt_time(m['wall_s'] + m.get('opt_wall_s', 0.0))} | {freqs} |"
+        )
+    table = "\n".join(rows)
+    gmax = ", ".join(f"{n} {m['opt_gmax']:.0e}" for n, m in mols.items() if "opt_gmax" in m) or "n/a"
+    disp = ", ".join(f"{n} {m['dispersion_energy_hartree_mean'] * 627.5094740631:.3f}" for n, m in mols.items())
+    total_wall = summary["wall_label_s"] + summary.get("wall_opt_s", 0.0)
+    status = (
+        "complete" if complete else f"PARTIAL: {summary['n_geometries']} of {target} planned geometries labelled so far"
+    )
+    return f"""# Data card: `{h5_name}` (bundled omegaB97X-D/6-31G(d) normal-mode-sampled set)
+
+Status: **{status}**. {summary["n_geometries"]} geometries of {len(mols)} small closed-shell
+C/H/N/O molecules, each with an energy, forces and a full analytic Hessian, in the ANI-HDF5
+layout that `phljax.data.read_h5` reads (the layout of the OpenREACT-CHON-EFH files used by the
+PHL paper). It is a small, self-made stand-in for the paper's `molecules-NMS.h5` for tests,
+notebooks and quick experiments; it is not a benchmark.
+
+## Contents
+
+{_HEADER}
+{table}
+
+Per molecule: geometry index 0 is the optimised minimum (`kind = "minimum"`), indices
+1..{config["n_samples"]} are normal-mode samples (`kind = "nms"`).
+
+## Level of theory
+
+- Program: PySCF {level.get("pyscf_version", "?")} (libxc {level.get("libxc_version", "7.0.0")}), geomeTRIC
+  {level.get("geometric_version", "1.1.1")} for optimisation.
+- Functional: omegaB97X-D = libxc `{level["xc"]}` (libxc id 471; PySCF rejects the alias
+  `wb97x-d`) via `pyscf.dft.RKS(mol, xc="{level["xc"]}")`, restricted closed shell, **plus the
+  omegaB97X-D dispersion term** that libxc's functional lacks (added to the energy, gradient and
+  Hessian, analytic, `phljax/datagen/dispersion.py`):
+
+      E_disp = -s6 * sum_{{i<j}} C6_ij / r_ij^6 * 1 / (1 + a (r_ij / R_r)^-12)
+      C6_ij = sqrt(C6_i C6_j),  R_r = R0_i + R0_j,  a = 6.0,  s6 = 1.0
+
+  with Grimme's D2 atomic C6 (J nm^6 mol^-1: H 0.14, C 1.75, N 1.23, O 0.70; times
+  17.34525 to Hartree Bohr^6) and D2 van der Waals radii R0 (Angstrom: H 1.001, C 1.452,
+  N 1.397, O 1.342). Sources: Chai & Head-Gordon, Phys. Chem. Chem. Phys. 10, 6615 (2008)
+  (damping form, a = 6); Grimme, J. Comput. Chem. 27, 1787 (2006), Table 1 (C6, R0). Checked
+  against Psi4's `-CHG` dispersion (`psi4/src/psi4/libdisp/dispersion.cc`: same damping,
+  `d_ = 6.0`, geometric-mean C6, sum of D2 radii; `dispersion_defines.h`: C6 and radii in
+  atomic units, which `tests/test_datagen.py` compares to ours to 2e-6). The dispersion
+  term is small for molecules this size; mean E_disp in kcal/mol: {disp}.
+- Basis: 6-31G(d) = PySCF `{level["basis"]}`, **{"Cartesian (6d)" if level["cart"] else "spherical (5d)"}** d
+  functions (PySCF's default; Gaussian's default for 6-31G(d) is Cartesian 6d, so energies
+  differ slightly from Gaussian-16 omegaB97X-D/6-31G(d) values, e.g. the paper's labels).
+- Integration grid: PySCF `grids.level = {level["grid_level"]}` (Treutler-Ahlrichs radial, Becke
+  partition, NWChem pruning; 70 radial x 590 angular points for H, 105 x 770 for C/N/O). The
+  default level 3 breaks the Hessian translational sum rule by ~1e-2 relative.
+- SCF: `conv_tol = {level["conv_tol"]:g}` Hartree, DIIS, `max_cycle = {level["max_cycle"]}`,
+  MINAO initial guess; every SCF is checked for convergence (a second-order retry, then the
+  geometry is rejected; unconverged data are never written).
+- Gradient: `mf.nuc_grad_method().kernel()`; Hessian: analytic, `mf.Hessian().kernel()`
+  (CPHF `conv_tol_cpscf = {level["conv_tol_cpscf"]:g}`), transposed from PySCF's [N, N, 3, 3] to
+  [N, 3, N, 3]. The file stores the symmetrised total Hessian (H + H^T)/2; the cache npz files
+  keep the raw DFT and dispersion parts separately.
+- Geometry optimisation: geomeTRIC (TRIC coordinates) through
+  `pyscf.geomopt.geometric_solver`, on the same total energy (DFT + dispersion), criteria:
+  energy change 1e-6 Hartree, gradient rms/max 3e-5/6e-5 Hartree/Bohr, step rms/max
+  3e-4/6e-4 Angstrom (geomeTRIC's GAU_TIGHT forces, 1e-5/1.5e-5, stalled on H2CO: at grid level 5
+  the gradient is only reliable to ~1e-5). Max |gradient| at the minima: {gmax}. Starting
+  structures from `ase.build.molecule` (G2 set); HNCO built by hand.
+
+## Hessian checks
+
+Every Hessian is checked before it is written: symmetry max|H - H^T| / max|H| <=
+{config["max_asym_rel"]:g} and translational sum rule max_(i,a,b) |sum_j H[i,a,j,b]| / max|H| <=
+{config["max_sum_rule_rel"]:g}; failures are logged and not written. Over the set: sum-rule error
+median {summary["sum_rule_rel_median"]:.2e}, 95th percentile {summary["sum_rule_rel_p95"]:.2e},
+max {summary["sum_rule_rel_max"]:.2e} (relative to max|H|); asymmetry max
+{summary["asym_rel_max"]:.1e}; {summary.get("n_rejected", 0)} geometries rejected. The remaining
+sum-rule error comes from the finite DFT integration grid (the analytic dispersion Hessian
+satisfies it exactly). The rotational sum rule holds only at stationary points and is not checked.
+
+## Sampling
+
+Normal-mode sampling at T = {config["temperature"]:g} K around each optimised minimum, as the
+classical Boltzmann distribution of the harmonic potential: translations and rotations are
+projected out (`pyscf.hessian.thermo.harmonic_analysis` on the total Hessian at the minimum);
+each vibrational mode k with frequency >= {config["min_freq_cm"]:g} cm^-1 gets an independent Gaussian
+amplitude Q_k ~ N(0, k_B T / omega_k^2) in mass-weighted coordinates, so every mode carries
+k_B T / 2 of harmonic energy on average, and R = R_min + M^-1/2 L Q. (The ANI-1 NMS instead
+splits a random fraction of a total energy between modes; both give thermal distortions.)
+Random numbers: `numpy.random.default_rng([seed, crc32(name)])`, seed = {config["seed"]}.
+No geometry was filtered by energy.
+
+## File layout and units
+
+ANI-HDF5 written by `phljax.data.write_h5`: one group per formula, with `species` [N] (element
+symbols), `coordinates` [n_conf, N, 3] **Angstrom**, `energies` [n_conf] **Hartree** (total
+electronic energy incl. dispersion, no atomic reference subtracted), `forces` [n_conf, N, 3]
+**Hartree/Angstrom** (= -gradient), `hessian` [n_conf, 3N, 3N] **Hartree/Angstrom^2**, plus
+per-conformer metadata (`name`, `index`, `kind`, `category = "nms"`, `source`, `sum_rule_rel`).
+Root attributes `energy_unit = "hartree"`, `length_unit = "angstrom"`. `phljax.data.read_h5`
+converts to the internal eV and Angstrom. Conversions use `ase.units` (Hartree =
+27.211386 eV, Bohr = 0.529177 Angstrom).
+
+The per-calculation cache `data/dft_cache/nms_small/<name>_<index>.npz` holds, in atomic units
+(positions in Angstrom): `energy`, `energy_dft`, `energy_disp` (Hartree), `gradient`,
+`gradient_dft`, `gradient_disp` (Hartree/Bohr), `hessian`, `hessian_dft`, `hessian_disp`
+([N, 3, N, 3] Hartree/Bohr^2, raw, not symmetrised), `positions`, `numbers`, SCF cycles, wall
+times, and the check results; `<name>_opt.npz` the optimisation, `<name>_samples.npz` the drawn
+geometries and harmonic frequencies, `log.txt` the run log.
+
+## Compute
+
+{_fmt_time(total_wall)} of wall time in total ({_fmt_time(summary.get("wall_opt_s", 0.0))} optimisation,
+{_fmt_time(summary["wall_label_s"])} labelling), on 2 CPU threads (`OMP_NUM_THREADS=2`,
+`nice -n 10`, sharing the machine with other jobs, so times are upper bounds).
+
+## Regenerate
+
+```
+{REGENERATE}
+```
+
+The run resumes from the cache and recomputes nothing that is already there. Given the cached
+minima (`<name>_opt.npz`, `<name>_0000.npz`) the sampled geometries are deterministic from the
+seed; a from-scratch rerun reproduces the minima only to the optimiser's tolerance (threaded
+floating-point sums differ between machines), so the samples would then differ slightly.
+"""
