@@ -20,9 +20,14 @@ class Checkpointer:
 
     def __init__(self, workdir: str):
         root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options)
-        self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options)
+
+        def options(name: str) -> ocp.CheckpointManagerOptions:
+            # own barrier keys: with several processes the two managers' saves would share them
+            multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+            return ocp.CheckpointManagerOptions(max_to_keep=1, create=True, multiprocessing_options=multiprocessing)
+
+        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options("latest"))
+        self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options("best"))
 
     def save(self, epoch: int, state: dict, *, is_best: bool) -> None:
         """Save `state` as epoch `epoch`; also as the best one if `is_best`."""

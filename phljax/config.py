@@ -57,7 +57,10 @@ class Config:
     workdir: str = "runs/default"
     x64: bool = False
     hessian_chunk: int = 0  # Hessian columns per HVP batch (0: all at once)
-    devices: int = 0  # data-parallel devices (0: all local devices)
+    devices: int = 0  # data-parallel devices per process (0: all local devices)
+    coordinator_address: str | None = None  # multi-host: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS)
+    num_processes: int | None = None  # multi-host: process count (default: $JAX_NUM_PROCESSES, SLURM, else 1)
+    process_id: int | None = None  # multi-host: this process's rank (default: $JAX_PROCESS_ID, SLURM)
     progress: bool = True
 
     def __post_init__(self):

@@ -37,7 +37,7 @@ def molecule_probes(
     elif distribution == "onehot":
         d = 3 * jnp.maximum(n_atoms, 1)
         c = jax.random.randint(key, (num_probes,), 0, d)  # uniform over the real coordinates
-        v = jax.nn.one_hot(c, 3 * max_atoms, dtype=dtype).reshape(shape) * jnp.sqrt(d).astype(dtype)
+        v = jax.nn.one_hot(c, 3 * max_atoms, dtype=dtype).reshape(shape) * jnp.sqrt(d.astype(dtype))
     else:
         raise ValueError(f"unknown probe distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
     return jnp.where(real, v, 0.0)

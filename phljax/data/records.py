@@ -48,8 +48,9 @@ class Molecule:
         n = numbers.shape[0]
         if n == 0:
             raise ValueError(f"{where}: a molecule needs at least one atom")
-        if np.any(numbers < 1) or np.any(numbers >= len(chemical_symbols)):
-            raise ValueError(f"{where}: unknown atomic number(s) {sorted(set(numbers[(numbers < 1)].tolist()))}")
+        bad = (numbers < 1) | (numbers >= len(chemical_symbols))
+        if np.any(bad):
+            raise ValueError(f"{where}: unknown atomic number(s) {sorted(set(numbers[bad].tolist()))}")
         object.__setattr__(self, "numbers", numbers.astype(np.int32))
         shapes = {
             "positions": (n, 3),

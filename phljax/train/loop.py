@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import time
@@ -27,7 +28,10 @@ from phljax.units import KCAL_MOL
 __all__ = ["Run", "prepare", "train"]
 
 # Fields that may change when a run is resumed from its work directory.
-_RESUMABLE = {"epochs", "progress", "early_stopping", "workdir", "devices", "hessian_chunk"}
+_RESUMABLE = {
+    "epochs", "progress", "early_stopping", "workdir", "devices", "hessian_chunk",
+    "coordinator_address", "num_processes", "process_id",
+}  # fmt: skip
 
 
 class Run:
@@ -69,16 +73,20 @@ class Run:
         self.energy_fn = make_energy_fn(self.model)
         self.has_hessian = all(m.hessian is not None for m in self.molecules)
         num_stored = min((m.num_probes for m in self.molecules), default=0)
-        from phljax.parallel import resolve_devices  # noqa: PLC0415
+        from phljax import parallel  # noqa: PLC0415
 
-        self.n_devices = resolve_devices(config.devices, config.batch_size)
+        parallel.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+        self.n_devices = parallel.resolve_devices(config.devices, config.batch_size)  # all processes
+        self.local_slots = parallel.local_slots(self.n_devices)  # this process's devices on the mesh
         self.budget = phdata.budget_for(  # one device's share of a global batch
             self.molecules,
             config.batch_size // self.n_devices,
             config.cutoff,
-            with_hessian=self.has_hessian,
+            with_hessian=self.has_hessian and loss_config.needs_hessian,  # E-F batches carry no Hessians
             num_probes=config.num_probes if loss_config.probe_mode == "data" and num_stored else 0,
         )
+        # evaluation batches carry reference Hessians whenever the data have them
+        self.eval_budget = dataclasses.replace(self.budget, with_hessian=self.has_hessian)
         self.steps_per_epoch = int(np.ceil(len(train_idx) / config.batch_size))
 
     def _check_labels(self, train: Sequence[Molecule]) -> None:
@@ -111,8 +119,8 @@ class Run:
             )
 
     def global_batches(self, name: str, shuffle_seed: int | None = None):
-        """Global batches of `batch_size` molecules, split evenly into one padded batch per device
-        and stacked on a leading [n_devices] axis."""
+        """Global batches of `batch_size` molecules, split evenly into one padded batch per device;
+        yields this process's sub-batches stacked on a leading [len(local_slots)] axis."""
         from phljax.parallel import stack  # noqa: PLC0415
 
         index = self.splits[name]
@@ -121,7 +129,7 @@ class Run:
         size, per = self.config.batch_size, self.config.batch_size // self.n_devices
         for start in range(0, len(index), size):
             chunk = index[start : start + size]
-            parts = [chunk[d * per : (d + 1) * per] for d in range(self.n_devices)]
+            parts = [chunk[d * per : (d + 1) * per] for d in self.local_slots]
             yield stack(
                 [
                     phdata.make_batch(
@@ -153,9 +161,13 @@ def _check_workdir(config: Config) -> None:
                 f"{config.workdir} holds a run with a different config ({sorted(changed)}); "
                 "use a new --workdir or the same settings to resume"
             )
-    os.makedirs(config.workdir, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(config.to_json())
+    from phljax.parallel import barrier, is_main_process  # noqa: PLC0415
+
+    barrier("check_workdir")  # every process has read the old config before process 0 writes
+    if is_main_process():
+        os.makedirs(config.workdir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(config.to_json())
 
 
 def train(config: Config, run: Run | None = None) -> dict:
@@ -164,10 +176,13 @@ def train(config: Config, run: Run | None = None) -> dict:
     Writes `<workdir>/config.json`, `metrics.jsonl` (one line per epoch), checkpoints and
     `results.json`; returns the results dict and prints the results table.
     """
+    from phljax.parallel import data_parallel_steps, is_main_process  # noqa: PLC0415 (parallel builds on train)
+
     run = run or prepare(config)
     _check_workdir(config)
-    with open(os.path.join(config.workdir, "model.json"), "w") as f:
-        json.dump(run.model_spec, f, indent=2)  # everything evaluate.py needs to rebuild the model
+    if is_main_process():
+        with open(os.path.join(config.workdir, "model.json"), "w") as f:
+            json.dump(run.model_spec, f, indent=2)  # everything evaluate.py needs to rebuild the model
     optimizer = make_optimizer(
         config.learning_rate,
         weight_decay=config.weight_decay,
@@ -194,9 +209,7 @@ def train(config: Config, run: Run | None = None) -> dict:
         state = TrainState(**record["state"])
     start = int(record["epoch"])
 
-    from phljax.parallel import data_parallel_steps  # noqa: PLC0415 (parallel builds on train)
-
-    train_step, val_loss_step, put = data_parallel_steps(run, optimizer, config.devices, hessian_chunk=chunk)
+    train_step, val_loss_step, put = data_parallel_steps(run, optimizer, hessian_chunk=chunk)
     state = put(state)
 
     metrics_path = os.path.join(config.workdir, "metrics.jsonl")
@@ -205,7 +218,7 @@ def train(config: Config, run: Run | None = None) -> dict:
         range(start, config.epochs),
         initial=start,
         total=config.epochs,
-        disable=not config.progress,
+        disable=not config.progress or not is_main_process(),
         desc=SCHEMES[config.probe],
     )
     for epoch in epochs:
@@ -237,8 +250,9 @@ def train(config: Config, run: Run | None = None) -> dict:
             "epoch_time_s": t_train,
             "wall_time_s": time.perf_counter() - t0,
         }
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        if is_main_process():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
         epochs.set_postfix(loss=f"{train_metrics['loss']:.3g}", val=f"{val:.3g}")
         record = {
             "state": jax.device_get(state)._asdict(),
@@ -271,6 +285,8 @@ def _epoch_times(workdir: str) -> list[float]:
 
 
 def _finish(config: Config, run: Run, params) -> dict:
+    from phljax.parallel import is_main_process  # noqa: PLC0415
+
     eval_step = jax.jit(
         make_eval_step(run.energy_fn, with_hessian=run.has_hessian, hessian_chunk=config.hessian_chunk or None)
     )
@@ -280,7 +296,7 @@ def _finish(config: Config, run: Run, params) -> dict:
         for c in categories:
             subsets[f"test/{c}"] = [m for m in subsets["test"] if str(m.meta.get("category")) == c]
     errors = {
-        name: accumulate_errors(eval_step, params, mols, run.budget, config.cutoff, run.dtype)
+        name: accumulate_errors(eval_step, params, mols, run.eval_budget, config.cutoff, run.dtype)
         for name, mols in subsets.items()
         if mols
     }
@@ -298,8 +314,9 @@ def _finish(config: Config, run: Run, params) -> dict:
         "first_epoch_time_s": times[0] if times else None,
         "n_molecules": {k: len(v) for k, v in run.splits.items()},
     }
-    with open(os.path.join(config.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\n{results['scheme']} ({results['epochs_run']} epochs, {results['n_molecules']})")
-    print(format_table(errors, results["mean_epoch_time_s"]))
+    if is_main_process():
+        with open(os.path.join(config.workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"\n{results['scheme']} ({results['epochs_run']} epochs, {results['n_molecules']})")
+        print(format_table(errors, results["mean_epoch_time_s"]))
     return results

@@ -1,8 +1,9 @@
 """Jitted training and evaluation steps over padded batches.
 
 The loss is a sum over real graphs divided by their count, so the step is written with explicit
-(sum, count) reductions: `reduce` is the identity on one device and a `psum` over the mesh's data
-axis in `phljax.parallel`, which makes the sharded step equal the single-device one.
+(sum, count) reductions: `reduce` is the identity on one device; in `phljax.parallel` it psums the
+count and the metrics over the mesh's data axis, while the gradient of the replicated parameters
+arrives already summed by shard_map's autodiff. The sharded step then equals the single-device one.
 """
 
 from __future__ import annotations
