@@ -35,7 +35,6 @@ from phljax import parallel  # noqa: E402
 from phljax.checkpoint import Checkpointer  # noqa: E402
 from phljax.models import init_params  # noqa: E402
 from phljax.train.loop import Run  # noqa: E402
-from phljax.train.optim import make_optimizer  # noqa: E402
 from phljax.train.step import TrainState, make_train_step  # noqa: E402
 
 TINY = {"channels": 4, "lmax": 1, "num_layers": 1}
@@ -59,18 +58,6 @@ def flat(tree) -> dict[str, np.ndarray]:
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys(), (sorted(a), sorted(b))
     return max(float(np.max(np.abs(a[k] - b[k]))) if a[k].size else 0.0 for k in a)
-
-
-def optimizer_for(run: Run):
-    c = run.config
-    return make_optimizer(
-        c.learning_rate,
-        weight_decay=c.weight_decay,
-        grad_clip=c.grad_clip,
-        lr_factor=c.lr_factor,
-        lr_patience=c.lr_patience,
-        steps_per_epoch=run.steps_per_epoch,
-    )
 
 
 def final_params(workdir: str) -> dict[str, np.ndarray]:
@@ -112,7 +99,7 @@ def check_steps(molecules, schemes) -> dict:
     for probe in schemes:
         config = base_config("unused", probe=probe, devices=1)
         run1 = Run(config, molecules)
-        optimizer = optimizer_for(run1)
+        optimizer = run1.optimizer()
         state0 = initial_state(run1, optimizer, params)
         params = state0.params
         batches = list(run1.global_batches("train"))  # unshuffled, stacked [1, ...]

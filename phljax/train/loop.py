@@ -103,6 +103,18 @@ class Run:
             if lc.uses_hvp and lc.probe_mode == "data" and m.num_probes < lc.num_probes:
                 raise ValueError(f"{where}: --probe-mode=data needs {lc.num_probes} stored probes, has {m.num_probes}")
 
+    def optimizer(self):
+        """The configured optimizer; its plateau logic counts this run's steps per epoch."""
+        c = self.config
+        return make_optimizer(
+            c.learning_rate,
+            weight_decay=c.weight_decay,
+            grad_clip=c.grad_clip,
+            lr_factor=c.lr_factor,
+            lr_patience=c.lr_patience,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+
     def subset(self, name: str) -> list[tuple[int, Molecule]]:
         return [(int(i), self.molecules[i]) for i in self.splits[name]]
 
@@ -183,14 +195,7 @@ def train(config: Config, run: Run | None = None) -> dict:
     if is_main_process():
         with open(os.path.join(config.workdir, "model.json"), "w") as f:
             json.dump(run.model_spec, f, indent=2)  # everything evaluate.py needs to rebuild the model
-    optimizer = make_optimizer(
-        config.learning_rate,
-        weight_decay=config.weight_decay,
-        grad_clip=config.grad_clip,
-        lr_factor=config.lr_factor,
-        lr_patience=config.lr_patience,
-        steps_per_epoch=run.steps_per_epoch,
-    )
+    optimizer = run.optimizer()
     chunk = config.hessian_chunk or None
     first = next(run.batches("train"))
     params = init_params(run.model, first, jax.random.PRNGKey(config.seed))
