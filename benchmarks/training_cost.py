@@ -1,15 +1,25 @@
 """Cost of one jitted training step for E-F, E-F-HVP (one-hot / random, K = 1, 4) and E-F-H vs atoms.
 
-    python benchmarks/training_cost.py --atoms 5 14 30 60 120 250 --out benchmarks/results/cpu.json
-    python benchmarks/training_cost.py --atoms 14 --repeats 50          # re-measure one size
+    python benchmarks/training_cost.py --atoms 5 14 30 60 120 250 --out benchmarks/results/training_cost.json
+    python benchmarks/training_cost.py --atoms 14 --repeats 50 --out /tmp/14.json   # re-measure one size
+    python benchmarks/training_cost.py --atoms 1000 --schemes E-F "E-F-HVP random K=1" --out big.json
 
 Each (scheme, size) runs in its own subprocess, so peak RSS is that configuration's alone and an
 out-of-memory failure (address space capped by --mem-limit-gb) is recorded, not fatal. Geometries
-are synthetic: C/H/N/O atoms packed at 0.1 atoms/A^3 (organic-molecule density) with >= 1 A
-separations; labels are zeros (timings need no DFT). Records: scheme, n_atoms, num_probes,
-batch_size, step_time_s (median after warm-up), compile_time_s, n_compiles, peak_bytes (XLA memory
-analysis: arguments + outputs + temporaries), peak_rss_bytes, and, for E-F-H,
-time per Hessian column. Prints a table with HVP/E-F and E-F-H/HVP ratios and draws a PNG.
+are synthetic: C/H/N/O atoms packed in a sphere at 0.1 atoms/A^3 (organic-molecule density) with
+>= 1 A separations; labels are zeros (timings need no DFT). Up to --large atoms a step sees
+--batch-size molecules, beyond it one.
+
+E-F-H is given its best shot: one shared forward pass, the 3A Hessian columns of the whole batch as
+HVPs pushed through one linearisation, `chunk` columns at a time. Every chunk in --hessian-chunks
+(0 = all 3A columns in one vmap) is compiled and timed in its own subprocess and the fastest kept;
+its record lists every trial and the cost per Hessian column.
+
+Records (JSON list): scheme, n_atoms, num_probes, batch_size, step_time_s (median after warm-up),
+compile_time_s, n_compiles (traces of the step: 1 means one compilation served every step),
+peak_bytes (XLA memory analysis: arguments + outputs + temporaries), peak_rss_bytes, n_params,
+n_edges; E-F-H adds hessian_chunk, hessian_columns, time_per_hessian_column_s, chunk_trials.
+Prints a table with the HVP/E-F, E-F-H/HVP and memory ratios and draws a PNG beside the JSON.
 """
 
 from __future__ import annotations
@@ -28,30 +38,78 @@ SCHEMES = [  # (label, --probe, K)
     ("E-F-HVP random K=4", "random", 4),
     ("E-F-H", "full", 0),
 ]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DENSITY = 0.1  # atoms / A^3
 
 
 def synthetic_molecule(n_atoms: int, seed: int):
-    """C/H/N/O atoms at 0.1 atoms/A^3 with minimum separation 1 A, hydrogen-rich like organics."""
+    """A `Molecule` of `n_atoms` C/H/N/O atoms (H 50%, C 30%, N 10%, O 10%) at 0.1 atoms/A^3.
+
+    Positions [n_atoms, 3] Angstrom, uniform in a sphere, pairwise >= 1 A apart; zero labels.
+    """
     import numpy as np
 
     from phljax.data import Molecule
 
     rng = np.random.default_rng(seed)
-    radius = (3 * n_atoms / (4 * np.pi * 0.1)) ** (1 / 3)
-    positions = []
+    radius = (3 * n_atoms / (4 * np.pi * DENSITY)) ** (1 / 3)
+    positions = np.zeros((0, 3))
     while len(positions) < n_atoms:
-        p = rng.uniform(-radius, radius, 3)
-        if np.linalg.norm(p) <= radius and all(np.linalg.norm(p - q) >= 1.0 for q in positions):
-            positions.append(p)
+        p = rng.uniform(-radius, radius, (256, 3))
+        p = p[np.linalg.norm(p, axis=1) <= radius]
+        for q in p:  # accept one at a time so candidates also keep apart from each other
+            if len(positions) == n_atoms:
+                break
+            if len(positions) == 0 or np.min(np.linalg.norm(positions - q, axis=1)) >= 1.0:
+                positions = np.vstack([positions, q])
     numbers = rng.choice([1, 6, 7, 8], size=n_atoms, p=[0.5, 0.3, 0.1, 0.1])
-    n = n_atoms
     return Molecule(
         numbers=numbers,
-        positions=np.array(positions),
+        positions=positions,
         energy=0.0,
-        forces=np.zeros((n, 3)),
-        hessian=np.zeros((n, 3, n, 3)),
+        forces=np.zeros((n_atoms, 3)),
+        hessian=np.zeros((n_atoms, 3, n_atoms, 3), np.float32),
     )
+
+
+def setup(probe: str, num_probes: int, n_atoms: int, batch_size: int, model_kwargs: dict):
+    """Molecules, padded batch, model, parameters and loss config of one configuration."""
+    import jax
+    import jax.numpy as jnp
+
+    from phljax import data as phdata
+    from phljax.losses import LossConfig
+    from phljax.models import build_model, init_params
+
+    cutoff = model_kwargs.get("cutoff", 5.0)
+    mols = [synthetic_molecule(n_atoms, seed) for seed in range(batch_size)]
+    loss_config = LossConfig(probe=probe, num_probes=max(num_probes, 1))
+    budget = phdata.budget_for(mols, batch_size, cutoff, with_hessian=loss_config.needs_hessian)
+    batch = jax.tree.map(jnp.asarray, phdata.make_batch(mols, budget, cutoff))
+    model = build_model(avg_num_neighbors=phdata.mean_neighbors(mols, cutoff), **model_kwargs)
+    params = init_params(model, batch, jax.random.PRNGKey(0))
+    return mols, batch, model, params, loss_config
+
+
+def time_calls(fn, repeats: int, budget_s: float) -> list[float]:
+    """Wall times of `repeats` calls of `fn()` (each blocked until ready), stopping early once
+    `budget_s` seconds are spent; at least one call."""
+    import time
+
+    times: list[float] = []
+    while len(times) < repeats and (not times or sum(times) < budget_s):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def xla_peak_bytes(compiled) -> int | None:
+    """Arguments + outputs + temporaries of a compiled executable (bytes), None if unknown."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
 
 
 def measure(
@@ -60,12 +118,12 @@ def measure(
     n_atoms: int,
     batch_size: int,
     repeats: int,
-    channels: int,
-    lmax: int,
-    layers: int,
+    time_budget: float,
+    model_kwargs: dict,
     chunk: int | None,
+    compile_only: bool = False,
 ) -> dict:
-    """Compile and time one train step (in this process)."""
+    """Compile and time one train step with an AdamW update (in this process)."""
     import resource
     import time
 
@@ -73,78 +131,68 @@ def measure(
     import jax.numpy as jnp
     import numpy as np
 
-    from phljax import data as phdata
-    from phljax.losses import LossConfig
-    from phljax.models import build_model, init_params, make_energy_fn
+    from phljax.models import make_energy_fn
     from phljax.train import make_optimizer, make_train_step
     from phljax.train.step import TrainState
 
-    cutoff = 5.0
-    mols = [synthetic_molecule(n_atoms, seed) for seed in range(batch_size)]
-    loss_config = LossConfig(probe=probe, num_probes=max(num_probes, 1))
-    budget = phdata.budget_for(mols, batch_size, cutoff, with_hessian=loss_config.needs_hessian)
-    batch = jax.tree.map(jnp.asarray, phdata.make_batch(mols, budget, cutoff))
-    model = build_model(
-        channels=channels,
-        lmax=lmax,
-        num_layers=layers,
-        cutoff=cutoff,
-        avg_num_neighbors=phdata.mean_neighbors(mols, cutoff),
-    )
-    params = init_params(model, batch, jax.random.PRNGKey(0))
+    _, batch, model, params, loss_config = setup(probe, num_probes, n_atoms, batch_size, model_kwargs)
     optimizer = make_optimizer(1e-3)
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(1))
+    train_step = make_train_step(make_energy_fn(model), loss_config, optimizer, hessian_chunk=chunk)
     traces = 0
 
     def step(state, batch, monitor):
         nonlocal traces
         traces += 1
-        return make_train_step(make_energy_fn(model), loss_config, optimizer, hessian_chunk=chunk)(
-            state, batch, monitor
-        )
+        return train_step(state, batch, monitor)
 
     jitted = jax.jit(step)
     monitor = jnp.asarray(1.0)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch, monitor).compile()
     compile_time = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    peak_bytes = None
-    if mem is not None:
-        peak_bytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
-    for _ in range(2):  # warm-up
-        state, _ = jitted(state, batch, monitor)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        state, _ = jitted(state, batch, monitor)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step_time = float(np.median(times))
     record = {
         "n_atoms": n_atoms,
         "batch_size": batch_size,
         "num_probes": num_probes,
-        "step_time_s": step_time,
+        "n_edges": int(np.sum(np.asarray(batch.edge_mask))),
         "compile_time_s": compile_time,
-        "n_compiles": traces,
-        "peak_bytes": peak_bytes,
-        "peak_rss_bytes": int(rss),
+        "peak_bytes": xla_peak_bytes(compiled),
         "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
         "device": str(jax.devices()[0].device_kind),
     }
     if probe == "full":
         record["hessian_columns"] = 3 * n_atoms
+        record["hessian_chunk"] = chunk or 3 * n_atoms
+    if compile_only:
+        return record
+
+    def one():
+        nonlocal state
+        state, _ = jitted(state, batch, monitor)  # through jit, so a retrace would be counted
+        jax.block_until_ready(state)
+
+    first = time_calls(one, 1, 0.0)[0]  # warm-up (first call allocates)
+    if first < 2.0:
+        one()
+    times = time_calls(one, repeats, time_budget)
+    step_time = float(np.median(times))
+    record.update(
+        step_time_s=step_time,
+        step_times_s=[round(t, 6) for t in times],
+        first_step_s=first,
+        n_compiles=traces,
+        peak_rss_bytes=int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+    )
+    if probe == "full":
         record["time_per_hessian_column_s"] = step_time / (3 * n_atoms)
     return record
 
 
-def run_one(label, probe, k, n, args) -> dict:
-    cmd = [
+def _worker_cmd(probe: str, k: int, n: int, args, chunk: int = 0) -> list[str]:
+    return [
         sys.executable,
-        __file__,
+        os.path.abspath(__file__),
         "--worker",
         probe,
         str(k),
@@ -153,6 +201,8 @@ def run_one(label, probe, k, n, args) -> dict:
         str(batch_for(n, args)),
         "--repeats",
         str(args.repeats),
+        "--time-budget",
+        str(args.time_budget),
         "--channels",
         str(args.channels),
         "--lmax",
@@ -161,30 +211,68 @@ def run_one(label, probe, k, n, args) -> dict:
         str(args.num_layers),
         "--mem-limit-gb",
         str(args.mem_limit_gb),
-    ]
-    if args.hessian_chunk:
-        cmd += ["--hessian-chunk", str(args.hessian_chunk)]
+        "--hessian-chunks",
+        str(chunk),
+    ] + (["--compile-only"] if args.compile_only else [])
+
+
+def run_worker(cmd: list[str], timeout: float) -> dict:
+    """Run one worker subprocess; its last JSON line (a record or a list of them), or {'error': ...}."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"scheme": label, "n_atoms": n, "num_probes": k, "error": f"timeout after {args.timeout} s"}
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        return {"error": f"timeout after {timeout:.0f} s"}
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("{", "["))]
     if out.returncode != 0 or not lines:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["?"]
-        return {"scheme": label, "n_atoms": n, "num_probes": k, "error": tail[0][:300]}
-    return {"scheme": label, **json.loads(lines[-1])}
+        text = (out.stderr or out.stdout).strip().splitlines()
+        err = [line for line in text if "Error" in line or "RESOURCE_EXHAUSTED" in line or "memory" in line.lower()]
+        msg = (err or text or [f"exit code {out.returncode}"])[-1]
+        if out.returncode < 0:
+            msg = f"killed by signal {-out.returncode} (out of memory?) {msg}"
+        return {"error": msg[:300]}
+    return json.loads(lines[-1])
+
+
+def run_one(label: str, probe: str, k: int, n: int, args) -> dict:
+    """Measure one scheme at one size; for E-F-H, every chunk size in --hessian-chunks, keep the fastest."""
+    head = {"scheme": label, "n_atoms": n, "num_probes": k, "batch_size": batch_for(n, args)}
+    if probe != "full":
+        return {**head, **run_worker(_worker_cmd(probe, k, n, args), args.timeout)}
+    trials = {}
+    for chunk in args.hessian_chunks:
+        chunk = chunk if 0 < chunk < 3 * n else 0
+        key = str(chunk or 3 * n)
+        if key in trials:
+            continue
+        trials[key] = run_worker(_worker_cmd(probe, k, n, args, chunk), args.timeout)
+        status = trials[key].get("error") or f"{trials[key].get('step_time_s', float('nan')):.3f} s"
+        print(f"        E-F-H chunk {key:>4}: {status}", flush=True)
+    ok = {c: r for c, r in trials.items() if "error" not in r}
+    summary = {c: (r.get("step_time_s") if "error" not in r else r["error"]) for c, r in trials.items()}
+    if not ok:
+        error = "; ".join(f"chunk {c}: {r['error']}" for c, r in trials.items())
+        return {**head, "error": error, "chunk_trials": summary}
+    best = min(ok, key=lambda c: ok[c].get("step_time_s", ok[c].get("peak_bytes") or 0))
+    return {**head, **ok[best], "chunk_trials": summary}
 
 
 def batch_for(n: int, args) -> int:
     return args.batch_size if n <= args.large else 1
 
 
+def _ok(r: dict | None) -> bool:
+    return r is not None and "error" not in r and "step_time_s" in r
+
+
 def table(records: list[dict]) -> str:
+    """Markdown table: step time, compile time, compilations, memory and the ratios per size."""
     by = {(r["scheme"], r["n_atoms"]): r for r in records}
     sizes = sorted({r["n_atoms"] for r in records})
     lines = [
-        "| atoms | scheme | step (ms) | compile (s) | XLA peak (MB) | RSS (MB) | vs E-F | E-F-H / this |",
-        "|---|---|---|---|---|---|---|---|",
+        "| atoms | batch | scheme | step (ms) | compile (s) | compiles | XLA peak (MB) | RSS (MB) "
+        "| time / E-F | memory / E-F | E-F-H / this |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
         ef, full = by.get(("E-F", n)), by.get(("E-F-H", n))
@@ -193,20 +281,48 @@ def table(records: list[dict]) -> str:
             if r is None:
                 continue
             if "error" in r:
-                lines.append(f"| {n} | {label} | {r['error']} | | | | | |")
+                lines.append(f"| {n} | {r.get('batch_size', '')} | {label} | failed: {r['error'][:80]} | | | | | | | |")
+                continue
+            peak = f"{r['peak_bytes'] / 2**20:.1f}" if r.get("peak_bytes") else ""
+            mem_ratio = ""
+            if ef and ef.get("peak_bytes") and r.get("peak_bytes"):
+                mem_ratio = f"{r['peak_bytes'] / ef['peak_bytes']:.2f}x"
+            if "step_time_s" not in r:  # compile-only
+                compile_s = f"{r['compile_time_s']:.1f}"
+                lines.append(f"| {n} | {r['batch_size']} | {label} | | {compile_s} | | {peak} | | | {mem_ratio} | |")
                 continue
             t = r["step_time_s"]
-            vs_ef = f"{t / ef['step_time_s']:.2f}x" if ef and "error" not in ef else ""
-            vs_full = f"{full['step_time_s'] / t:.1f}x" if full and "error" not in full else ""
-            peak = f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") else ""
+            vs_ef = f"{t / ef['step_time_s']:.2f}x" if _ok(ef) else ""
+            vs_full = f"{full['step_time_s'] / t:.1f}x" if _ok(full) else ""
+            name = label + (f" (chunk {r['hessian_chunk']})" if "hessian_chunk" in r else "")
             lines.append(
-                f"| {n} | {label} | {1e3 * t:.2f} | {r['compile_time_s']:.1f} | {peak} | "
-                f"{r['peak_rss_bytes'] / 2**20:.0f} | {vs_ef} | {vs_full} |"
+                f"| {n} | {r['batch_size']} | {name} | {1e3 * t:.1f} | {r['compile_time_s']:.1f} | {r['n_compiles']} "
+                f"| {peak} | {r['peak_rss_bytes'] / 2**20:.0f} | {vs_ef} | {mem_ratio} | {vs_full} |"
             )
     return "\n".join(lines)
 
 
+def column_table(records: list[dict]) -> str:
+    """E-F-H's cost per Hessian column against the extra cost of one HVP probe (K=1 and K=4)."""
+    by = {(r["scheme"], r["n_atoms"]): r for r in records}
+    lines = [
+        "| atoms | E-F-H columns | E-F-H per column (ms) | HVP K=1 - E-F (ms) | (HVP K=4 - E-F) / 4 (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for n in sorted({r["n_atoms"] for r in records}):
+        full, ef = by.get(("E-F-H", n)), by.get(("E-F", n))
+        h1, h4 = by.get(("E-F-HVP random K=1", n)), by.get(("E-F-HVP random K=4", n))
+        if not (_ok(full) and _ok(ef)):
+            continue
+        col = (full["step_time_s"] - ef["step_time_s"]) / full["hessian_columns"]
+        d1 = f"{1e3 * (h1['step_time_s'] - ef['step_time_s']):.1f}" if _ok(h1) else ""
+        d4 = f"{1e3 * (h4['step_time_s'] - ef['step_time_s']) / 4:.1f}" if _ok(h4) else ""
+        lines.append(f"| {n} | {full['hessian_columns']} | {1e3 * col:.1f} | {d1} | {d4} |")
+    return "\n".join(lines)
+
+
 def plot(records: list[dict], path: str) -> None:
+    """Step time per molecule and XLA peak memory against atoms, log-log, one line per scheme."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,20 +331,30 @@ def plot(records: list[dict], path: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, _, _ in SCHEMES:
         rs = sorted((r for r in records if r["scheme"] == label and "error" not in r), key=lambda r: r["n_atoms"])
-        if not rs:
-            continue
-        x = [r["n_atoms"] for r in rs]
-        ax1.plot(x, [r["step_time_s"] / r["batch_size"] for r in rs], "o-", label=label)
-        ax2.plot(x, [(r["peak_bytes"] or r["peak_rss_bytes"]) / 2**20 for r in rs], "o-", label=label)
-    for ax, ylabel in ((ax1, "train step time per molecule (s)"), (ax2, "XLA peak memory (MB)")):
+        timed = [r for r in rs if "step_time_s" in r]
+        if timed:
+            ax1.plot(
+                [r["n_atoms"] for r in timed], [r["step_time_s"] / r["batch_size"] for r in timed], "o-", label=label
+            )
+        mem = [r for r in rs if r.get("peak_bytes")]
+        if mem:
+            ax2.plot(
+                [r["n_atoms"] for r in mem], [r["peak_bytes"] / r["batch_size"] / 2**20 for r in mem], "o-", label=label
+            )
+    for ax, ylabel in (
+        (ax1, "train step time per molecule (s)"),
+        (ax2, "XLA peak memory per molecule (MB)"),
+    ):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("atoms per molecule")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
+    fig.suptitle("phljax NequIP (16 ch, l<=2, 2 layers), one jitted AdamW step, CPU", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -238,15 +364,23 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/results/training_cost.json")
     p.add_argument("--batch-size", type=int, default=8, help="molecules per step up to --large atoms")
     p.add_argument("--large", type=int, default=100, help="beyond this many atoms, one molecule per step")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="timed steps (median reported)")
+    p.add_argument("--time-budget", type=float, default=30.0, help="stop timing a configuration after this (s)")
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--lmax", type=int, default=2)
     p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--hessian-chunk", type=int, default=0, help="E-F-H columns per HVP batch (0: all)")
-    p.add_argument("--mem-limit-gb", type=float, default=20.0)
+    p.add_argument(
+        "--hessian-chunks", type=int, nargs="+", default=[0, 12], help="E-F-H chunk sizes to try (0: all columns)"
+    )
+    p.add_argument("--compile-only", action="store_true", help="XLA memory analysis only (sizes that do not fit)")
+    p.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space cap of each worker")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
+    p.add_argument("--from-json", nargs="+", metavar="FILE", help="merge these results (no measuring): table, plot")
     p.add_argument("--worker", nargs=3, metavar=("PROBE", "K", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    unknown = set(args.schemes) - {s[0] for s in SCHEMES}
+    if unknown:
+        p.error(f"unknown schemes {sorted(unknown)}; choose from {[s[0] for s in SCHEMES]}")
 
     if args.worker:
         import resource
@@ -254,35 +388,46 @@ def main(argv=None) -> None:
         limit = int(args.mem_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         probe, k, n = args.worker[0], int(args.worker[1]), int(args.worker[2])
+        model_kwargs = {"channels": args.channels, "lmax": args.lmax, "num_layers": args.num_layers}
         record = measure(
             probe,
             k,
             n,
             args.batch_size,
             args.repeats,
-            args.channels,
-            args.lmax,
-            args.num_layers,
-            args.hessian_chunk or None,
+            args.time_budget,
+            model_kwargs,
+            args.hessian_chunks[0] or None,
+            args.compile_only,
         )
         print(json.dumps(record))
         return
 
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     records = []
-    for n in args.atoms:
+    for path in args.from_json or []:
+        with open(path) as f:
+            records += json.load(f)
+    for n in [] if args.from_json else args.atoms:
         for label, probe, k in SCHEMES:
             if label not in args.schemes:
                 continue
             r = run_one(label, probe, k, n, args)
             records.append(r)
-            status = r.get("error") or f"{1e3 * r['step_time_s']:.2f} ms, compile {r['compile_time_s']:.1f} s"
+            if "error" in r:
+                status = r["error"]
+            elif "step_time_s" in r:
+                status = f"{1e3 * r['step_time_s']:.2f} ms, compile {r['compile_time_s']:.1f} s"
+            else:
+                status = f"compiled, XLA peak {(r['peak_bytes'] or 0) / 2**20:.0f} MB"
             print(f"{n:>5} atoms  {label:<22} {status}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=2)
+            with open(args.out, "w") as f:  # keep what is measured so far
+                json.dump(records, f, indent=2)
     plot(records, os.path.splitext(args.out)[0] + ".png")
     print()
     print(table(records))
+    print()
+    print(column_table(records))
     print(f"\nwrote {args.out} and {os.path.splitext(args.out)[0]}.png")
 
 
