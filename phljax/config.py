@@ -26,6 +26,7 @@ class Config:
     split_seed: int = 0  # train/val/test split is deterministic in this seed
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    holdout: tuple[str, ...] = ()  # data categories kept out of train/val, all tested (e.g. irc nms)
     # model
     elements: tuple[int, ...] = (1, 6, 7, 8)
     channels: int = 16

@@ -271,7 +271,9 @@ def test_pipeline_resumes_and_assembles(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("recomputed a cached geometry")
 
-    monkeypatch.setattr(pipeline, "label_geometry", fail)
+    from phljax.datagen import labels
+
+    monkeypatch.setattr(labels, "label_geometry", fail)
     monkeypatch.setattr(pipeline, "optimize_geometry", fail)
     pipeline.run(cfg, cache)
     assert {f: os.path.getmtime(os.path.join(cache, f)) for f in names} == mtimes

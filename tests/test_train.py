@@ -215,3 +215,21 @@ def test_cli_data_probes_without_hessians(cli, hvp_file, tiny_config):
     # the same file cannot train with drawn probes: that needs reference Hessians
     with pytest.raises(ValueError, match=r"hvps\.h5:/.*needs reference Hessians.*--probe-mode=data"):
         phljax.prepare(tiny_config.replace(data=(hvp_file,), probe_mode="randomized"))
+
+
+def test_holdout_categories_are_only_tested(molecules, tiny_config):
+    """--holdout keeps whole categories (the paper's IRC and NMS sets) out of train and val."""
+    import dataclasses
+
+    from phljax.train.loop import Run
+
+    mols = [dataclasses.replace(m, meta={**m.meta, "category": "irc" if i % 3 == 0 else "rtp"})
+            for i, m in enumerate(molecules)]  # fmt: skip
+    run = Run(tiny_config.replace(holdout=("irc",)), mols)
+    cat = {name: {mols[i].meta["category"] for i in idx} for name, idx in run.splits.items()}
+    assert cat["train"] == cat["val"] == {"rtp"} and "irc" in cat["test"]
+    assert sum(m.meta["category"] == "irc" for _, m in run.subset("test")) == len(mols) // 3
+    plain = Run(tiny_config, molecules)
+    assert sum(len(v) for v in plain.splits.values()) == len(molecules)
+    with pytest.raises(ValueError, match="no molecule has these categories"):
+        Run(tiny_config.replace(holdout=("ts",)), mols)

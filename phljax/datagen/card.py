@@ -168,3 +168,138 @@ minima (`<name>_opt.npz`, `<name>_0000.npz`) the sampled geometries are determin
 seed; a from-scratch rerun reproduces the minima only to the optimiser's tolerance (threaded
 floating-point sums differ between machines), so the samples would then differ slightly.
 """
+
+
+#: planned size of the bundled reaction set (the issue's target)
+REACTION_TARGET = 800
+
+
+def render_reaction_card(summary: dict[str, Any], prefix: str, label_cost: dict[str, Any] | None = None) -> str:
+    """Markdown data card of a reaction data set made by :mod:`phljax.datagen.reactions`.
+
+    Args:
+        summary: :func:`phljax.datagen.reactions.summarize` (or ``assemble``) of the cache.
+        prefix: file prefix (files ``<prefix>-RTP.h5``, ``-IRC.h5``, ``-NMS.h5``).
+        label_cost: optional measured labelling cost per route and size (from
+            ``experiments/label_cost.py``), rendered as a table.
+
+    Returns:
+        The card as a markdown string.
+    """
+    cfg = summary["config"] or {}
+    level = cfg.get("level", {})
+    rxns = summary["reactions"]
+    n = summary["n_geometries"]
+    status = "complete" if n >= REACTION_TARGET else f"PARTIAL: {n} of {REACTION_TARGET} planned geometries so far"
+    rows = []
+    for rid, r in rxns.items():
+        fail = "; ".join(r["failures"]) or ("" if "barrier_kcal" in r else "TS not searched yet")
+        rows.append(
+            f"| {rid} | {r['comment']} | {r['n_atoms']} | {r.get('barrier_kcal', float('nan')):.1f} | "
+            f"{r.get('reaction_energy_kcal', float('nan')):.1f} | {r.get('imaginary_cm', float('nan')):.0f} | "
+            f"{r['n_rtp']} | {r['n_irc']} | {r['n_nms']} | {fail} |"
+        )
+    atoms = sorted({r["n_atoms"] for r in rxns.values()})
+    size = f"{atoms[0]}-{atoms[-1]}" if atoms else "0"
+    d_shell = "Cartesian" if level.get("cart") else "spherical"
+    disp_word = "" if level.get("dispersion", True) else " NOT"
+    n_rej = sum(len(r["rejected"]) for r in rxns.values())
+    labels = cfg.get("labels", "hessian")
+    label_text = (
+        "a full analytic Hessian (`hessian` [n_conf, 3N, 3N], Hartree/Angstrom^2, symmetrised)"
+        if labels == "hessian"
+        else f"{cfg.get('num_probes')} {cfg.get('probe_kind')} probe vectors (`hvp_probes` [n_conf, K, N, 3], "
+        f"dimensionless) and their Hessian-vector products (`hvps` [n_conf, K, N, 3], Hartree/Angstrom^2) by "
+        f"central differences of analytic gradients with step {cfg.get('fd_step')} Angstrom"
+    )
+    cost = ""
+    if label_cost:
+        crow = [
+            f"| {c['name']} | {c['n_atoms']} | {c['hessian_s']:.1f} | {c['gradient_s']:.1f} | "
+            f"{c['hvp_s']:.1f} (K={c['num_probes']}) | {c['hessian_s'] / c['hvp_s']:.2f} | {c['fd_rel_error']:.1e} |"
+            for c in label_cost["rows"]
+        ]
+        cost = (
+            "\n## Labelling cost: analytic Hessian vs finite-difference HVPs\n\n"
+            f"Measured by `{label_cost['command']}` ({label_cost['machine']}). Seconds per geometry; the HVP route "
+            "is one SCF + gradient at the geometry and 2K displaced ones started from its density.\n\n"
+            "| molecule | atoms | energy+gradient+Hessian, s | energy+gradient, s | FD HVP labels, s | "
+            "Hessian / HVP time | FD error max|Hv - FD| / max|Hv| |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(crow)
+            + "\n"
+        )
+    return f"""# Data card: `{prefix}-{{RTP,IRC,NMS}}.h5` (bundled omegaB97X-D/6-31G(d) reaction set)
+
+Status: **{status}**. {n} labelled geometries ({summary["n_rtp"]} RTP, {summary["n_irc"]} IRC,
+{summary["n_nms"]} NMS) of {len(rxns)} closed-shell C/H/N/O reactions with {size}
+atoms, made by `phljax.datagen.reactions` in the layout of the PHL paper's OpenREACT-CHON-EFH
+files: reactants, products and transition states (RTP), intrinsic-reaction-coordinate points
+(IRC) and normal-mode samples (NMS). Every geometry has an energy, forces and {label_text}.
+{n_rej} geometries were rejected (SCF or Hessian check) and are not in the files.
+
+## Reactions
+
+Barrier and reaction energy: electronic, kcal/mol, from the optimised reactant. Imaginary
+frequency of the verified TS in cm^-1 (negative = imaginary).
+
+| id | reaction | atoms | barrier | dE | TS freq | RTP | IRC | NMS | failures |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+## How each geometry was made
+
+1. Reactant and product (atom-mapped xyz in `data/reactions/`) optimised with geomeTRIC on the
+   level below.
+2. TS guess: climbing-image NEB ({cfg.get("neb_images")} images, IDPP interpolation, FIRE to
+   {cfg.get("neb_fmax")} eV/A) and a Sella saddle search at {cfg.get("guess_xc")}/{cfg.get("guess_basis")};
+   then Sella (internal coordinates, exact initial Hessian) at the level below to max force
+   {cfg.get("ts_fmax")} eV/A. Accepted only with exactly one frequency below -{cfg.get("imag_tol_cm")} cm^-1
+   (translations and rotations projected out) and an IRC whose two ends, relaxed with
+   geomeTRIC, are the reactant and the product (same bond graph, or for conformers within
+   {cfg.get("endpoint_rmsd")} A RMSD).
+3. IRC: Sella's mass-weighted IRC from the TS both ways (step {cfg.get("irc_dx")} A amu^1/2, at most
+   {cfg.get("irc_steps")} steps, to max force {cfg.get("irc_fmax")} eV/A); {cfg.get("n_irc")} points per direction kept,
+   evenly spaced in arc length (the TS itself is in RTP).
+4. NMS: {cfg.get("n_nms")} samples around reactant, product and TS from the classical harmonic
+   Boltzmann distribution at {cfg.get("temperature")} K (modes below {cfg.get("min_freq_cm")} cm^-1 and the TS's
+   imaginary mode not displaced), seeded by `default_rng([seed, crc32(reaction), crc32(point)])`,
+   seed {cfg.get("seed")}.
+
+## Level of theory and what the labels contain
+
+- PySCF {level.get("pyscf_version", "")}, restricted Kohn-Sham, libxc functional `{level.get("xc")}`
+  (the exchange-correlation part of omegaB97X-D; PySCF refuses the alias `wb97x-d`), basis
+  `{level.get("basis")}` (6-31G(d), {d_shell} d), integration grid level {level.get("grid_level")},
+  SCF conv_tol {level.get("conv_tol")} Hartree, CPSCF tolerance {level.get("conv_tol_cpscf")}.
+- Plus{disp_word} the Chai-Head-Gordon damped D2 dispersion of omegaB97X-D (Grimme-D2 C6
+  and radii, damping 1/(1 + 6 (r/R_r)^-12); Chai & Head-Gordon, PCCP 10, 6615 (2008)), computed
+  analytically (`phljax.datagen.dispersion`) and added to energy, gradient and Hessian. So
+  energy = E_DFT(XC part) + E_disp, forces and Hessians their exact derivatives; the cache
+  keeps the two parts apart.
+- Every analytic Hessian is checked for symmetry (max|H - H^T|/max|H| <= {cfg.get("max_asym_rel")}) and the
+  translational sum rule (max|sum_j H_ij|/max|H| <= {cfg.get("max_sum_rule_rel")}).
+
+## Files, layout and units
+
+`{prefix}-RTP.h5`, `{prefix}-IRC.h5`, `{prefix}-NMS.h5`, written by `phljax.data.write_h5`: one
+group per formula and atom order; `species`, `coordinates` [n_conf, N, 3] Angstrom, `energies`
+[n_conf] Hartree (total, no atomic reference subtracted), `forces` [n_conf, N, 3] Hartree/Angstrom,
+the labels above, and per geometry `category` (rtp/irc/nms), `reaction` (id), `point`
+(reactant, product, ts, irc_forward, irc_reverse, nms_reactant, ...), `index`, `source`.
+`phljax.data.read_h5` converts to eV and Angstrom. The per-calculation cache (atomic units) is
+`data/dft_cache/reactions/<reaction>/`.
+
+## Compute
+
+{summary["compute_s"] / 3600:.2f} h of wall time so far on 2 CPU threads (`OMP_NUM_THREADS=2`, `nice -n 10`, shared
+with other jobs, so an upper bound).
+{cost}
+## Regenerate
+
+```
+pip install -e '.[data]'
+OMP_NUM_THREADS=2 nice -n 10 python experiments/make_dataset.py            # all reactions (resumes)
+python experiments/make_dataset.py --reactions data/reactions/hcn_hnc.xyz --out runs/hcn --cache runs/hcn/cache
+python experiments/make_dataset.py --assemble                              # files from the cache
+```
+"""

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
 
 from phljax.datagen.dispersion import BOHR_ANGSTROM, chg_dispersion
 
@@ -129,13 +130,16 @@ def make_rks(mol, level: LevelOfTheory = LevelOfTheory()):
         level: functional, grid and tolerances.
 
     Returns:
-        ``pyscf.dft.RKS`` with ``xc``, ``grids.level``, ``conv_tol`` (Hartree),
+        ``pyscf.dft.RKS`` (``pyscf.scf.RHF`` for ``xc="hf"``) with ``xc``, ``grids.level``, ``conv_tol`` (Hartree),
         ``conv_tol_cpscf`` and ``max_cycle`` set.
     """
-    from pyscf import dft
+    from pyscf import dft, scf
 
-    mf = dft.RKS(mol, xc=level.xc)
-    mf.grids.level = level.grid_level
+    if level.xc.lower() == "hf":  # Hartree-Fock (cheap guess level, tests): no integration grid
+        mf = scf.RHF(mol)
+    else:
+        mf = dft.RKS(mol, xc=level.xc)
+        mf.grids.level = level.grid_level
     mf.conv_tol = level.conv_tol
     mf.conv_tol_cpscf = level.conv_tol_cpscf
     mf.max_cycle = level.max_cycle
@@ -392,4 +396,145 @@ def optimize_geometry(
         "n_steps": last["n"],
         "wall": time.perf_counter() - t0,
         "converged": bool(converged),
+    }
+
+
+# ----------------------------------------------------------------------------- ASE interface
+
+#: Hartree in eV and Bohr in Angstrom (CODATA 2018, as in ase.units).
+HARTREE_EV = 27.211386245988
+
+
+class PySCFCalculator(Calculator):
+    """An ASE calculator: energy and forces (and an analytic Hessian for Sella) from PySCF.
+
+    Each instance remembers its last density matrix and starts the next SCF from it, which
+    roughly halves the SCF cycles along an optimisation, NEB or IRC. Energies are returned in
+    eV, forces in eV/Angstrom, Hessians in eV/Angstrom^2, as ASE expects; all include the
+    dispersion term when ``level.dispersion``. An SCF that does not converge raises
+    :class:`SCFNotConvergedError` (ASE optimisers propagate it), it is never returned.
+
+    Attributes:
+        n_gradients: number of energy+gradient evaluations so far.
+        n_hessians: number of analytic Hessians so far.
+    """
+
+    implemented_properties = ("energy", "forces")
+
+    def __init__(self, level: LevelOfTheory = LevelOfTheory(), charge: int = 0, spin: int = 0):
+        super().__init__()
+        self.level = level
+        self.charge = charge
+        self.spin = spin
+        self.n_gradients = 0
+        self.n_hessians = 0
+        self._dm = None
+
+    def _scf(self, atoms):
+        mol = build_mol(atoms.numbers, atoms.positions, self.level, self.charge, self.spin)
+        dm0 = self._dm if self._dm is not None and self._dm.shape[-1] == mol.nao else None
+        mf = run_scf(mol, self.level, dm0=dm0)
+        self._dm = mf.make_rdm1()
+        return mol, mf
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        mol, mf = self._scf(self.atoms)
+        e = float(mf.e_tot)
+        g = np.asarray(mf.nuc_grad_method().kernel())  # [N, 3] Hartree/Bohr
+        if self.level.dispersion:
+            e_d, g_d, _ = chg_dispersion(self.atoms.numbers, mol.atom_coords(unit="Bohr"))
+            e, g = e + e_d, g + g_d
+        self.n_gradients += 1
+        self.results = {"energy": e * HARTREE_EV, "forces": -g * HARTREE_EV / BOHR_ANGSTROM}
+
+    def hessian(self, atoms) -> np.ndarray:  # [3N, 3N] eV/Angstrom^2
+        """Analytic Hessian (DFT + dispersion) at ``atoms``, [3N, 3N] eV/Angstrom^2 (Sella's layout)."""
+        out = label_geometry(atoms.numbers, atoms.positions, self.level, hessian=True)
+        self.n_hessians += 1
+        n = len(atoms)
+        return out["hessian"].reshape(3 * n, 3 * n) * HARTREE_EV / BOHR_ANGSTROM**2
+
+
+# ----------------------------------------------------------------------------- Hessian-free labels
+
+
+def fd_hvp(
+    numbers: np.ndarray,  # [N]
+    positions: np.ndarray,  # [N, 3] Angstrom
+    probes: np.ndarray,  # [K, N, 3] dimensionless
+    level: LevelOfTheory = LevelOfTheory(),
+    step: float = 5e-3,  # Angstrom
+    charge: int = 0,
+    spin: int = 0,
+) -> dict[str, Any]:
+    """Reference Hessian-vector products by central differences of analytic DFT gradients.
+
+    For each probe v the geometry is displaced by +-h u with u = v / |v| (so ``step`` h is the
+    length of the displacement whatever the probe's norm) and
+
+        H v = |v| (g(R + h u) - g(R - h u)) / (2 h) + O(h^2),
+
+    2K gradient evaluations instead of one analytic Hessian. Every displaced SCF starts from the
+    converged density at R. The dispersion term is differentiated analytically (exact H_disp v).
+
+    Args:
+        numbers: atomic numbers, [N] int.
+        positions: the geometry, [N, 3] Angstrom.
+        probes: probe vectors, [K, N, 3] (Gaussian or one-hot, any norm > 0).
+        level: level of theory.
+        step: displacement length h, Angstrom.
+        charge, spin: total charge and 2S.
+
+    Returns:
+        ``energy`` (Hartree), ``gradient`` [N, 3] Hartree/Bohr (total, at R), ``hvps``
+        [K, N, 3] Hartree/Bohr^2 (total), ``hvps_disp`` (the analytic dispersion part),
+        ``wall_scf``, ``wall_fd`` (seconds), ``n_gradients`` (1 + 2K).
+
+    Raises:
+        SCFNotConvergedError: if any SCF does not converge.
+        ValueError: on bad shapes, a zero probe or a non-positive step.
+    """
+    numbers = np.asarray(numbers, dtype=int)
+    positions = np.asarray(positions, dtype=np.float64)
+    probes = np.asarray(probes, dtype=np.float64)
+    n = numbers.shape[0]
+    if probes.ndim != 3 or probes.shape[1:] != (n, 3):
+        raise ValueError(f"expected probes [K, {n}, 3], got {probes.shape}")
+    norms = np.linalg.norm(probes.reshape(len(probes), -1), axis=1)
+    if np.any(norms == 0) or step <= 0:
+        raise ValueError(f"probes must be non-zero and step > 0 (norms {norms}, step {step})")
+    t0 = time.perf_counter()
+    mol = build_mol(numbers, positions, level, charge, spin)
+    mf = run_scf(mol, level)
+    dm0 = mf.make_rdm1()
+    grad = np.asarray(mf.nuc_grad_method().kernel())
+    energy = float(mf.e_tot)
+    t1 = time.perf_counter()
+
+    def dft_gradient(pos):
+        m = build_mol(numbers, pos, level, charge, spin)
+        f = run_scf(m, level, dm0=dm0)
+        return np.asarray(f.nuc_grad_method().kernel())
+
+    hvps = np.empty_like(probes)
+    for k, (v, nv) in enumerate(zip(probes, norms, strict=True)):
+        u = v / nv
+        g_plus = dft_gradient(positions + step * u)
+        g_minus = dft_gradient(positions - step * u)
+        hvps[k] = nv * (g_plus - g_minus) / (2 * step / BOHR_ANGSTROM)
+    hvps_disp = np.zeros_like(probes)
+    if level.dispersion:
+        e_d, g_d, h_d = chg_dispersion(numbers, mol.atom_coords(unit="Bohr"))
+        energy += e_d
+        grad = grad + g_d
+        hvps_disp = np.einsum("iajb,kjb->kia", h_d, probes)
+    return {
+        "energy": energy,
+        "gradient": grad,
+        "hvps": hvps + hvps_disp,
+        "hvps_disp": hvps_disp,
+        "wall_scf": t1 - t0,
+        "wall_fd": time.perf_counter() - t1,
+        "n_gradients": 1 + 2 * len(probes),
     }

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import io
 import json
 import logging
 import os
@@ -34,19 +33,22 @@ from typing import Any
 
 import numpy as np
 
+from phljax.datagen.cache import load_npz as _load_npz
+from phljax.datagen.cache import save_json as _save_json
+from phljax.datagen.cache import save_npz as _save_npz
 from phljax.datagen.dft import (
     OPT_CONVERGENCE,
-    HessianCheckError,
     LevelOfTheory,
     SCFNotConvergedError,
-    hessian_checks,
-    label_geometry,
     optimize_geometry,
-    validate_hessian,
 )
+from phljax.datagen.labels import label_hessian
+from phljax.datagen.labels import to_molecules as to_molecules_
 from phljax.datagen.sampling import normal_modes, sample_normal_modes
 
 log = logging.getLogger("phljax.datagen")
+
+SOURCE = "phljax.datagen (PySCF omegaB97X-D/6-31G(d) + CHG dispersion)"
 
 _HNCO = (  # isocyanic acid, planar trans-bent start (Angstrom); not in ase's g2 collection
     [1, 7, 6, 8],
@@ -109,30 +111,6 @@ def start_geometry(name: str) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- cache files
 
 
-def _save_npz(path: str, **arrays) -> None:
-    """Write an npz atomically (temporary file + rename)."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
-
-
-def _load_npz(path: str) -> dict[str, Any]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def _paths(cache_dir: str, name: str, index: int | str) -> str:
     if isinstance(index, int):
         return os.path.join(cache_dir, f"{name}_{index:04d}")
@@ -180,54 +158,10 @@ def label_task(
     cfg: NMSConfig, cache_dir: str, name: str, index: int, positions: np.ndarray, numbers: np.ndarray, extra: dict
 ) -> bool:
     """Label one geometry and cache it; returns True if written, False if rejected."""
-    stem = _paths(cache_dir, name, index)
-    t0 = time.perf_counter()
-    try:
-        out = label_geometry(numbers, positions, cfg.level)
-        checks = validate_hessian(out["hessian"], cfg.max_asym_rel, cfg.max_sum_rule_rel)
-    except (SCFNotConvergedError, HessianCheckError) as err:
-        log.warning("REJECT %s #%d: %s", name, index, err)
-        info = {"name": name, "index": index, "reason": str(err), "positions": np.asarray(positions).tolist()}
-        if "out" in locals():
-            info["checks"] = hessian_checks(out["hessian"])
-        _save_json(stem + ".rejected.json", info)
-        return False
-    checks_dft = hessian_checks(out["hessian_dft"])
-    wall = time.perf_counter() - t0
-    _save_npz(
-        stem + ".npz",
-        name=name,
-        index=index,
-        numbers=out["numbers"],
-        positions=out["positions"],
-        energy=out["energy"],
-        energy_dft=out["energy_dft"],
-        energy_disp=out["energy_disp"],
-        gradient=out["gradient"],
-        gradient_dft=out["gradient_dft"],
-        gradient_disp=out["gradient_disp"],
-        hessian=out["hessian"],
-        hessian_dft=out["hessian_dft"],
-        hessian_disp=out["hessian_disp"],
-        scf_cycles=out["scf_cycles"],
-        wall_scf=out["wall_scf"],
-        wall_grad=out["wall_grad"],
-        wall_hess=out["wall_hess"],
-        wall_total=wall,
-        asym_rel=checks["asym_rel"],
-        sum_rule_rel=checks["sum_rule_rel"],
-        sum_rule_abs=checks["sum_rule_abs"],
-        sum_rule_rel_dft=checks_dft["sum_rule_rel"],
-        level=json.dumps(cfg.level.describe()),
-        **extra,
+    meta = {"name": name, "index": index, "category": "nms", "source": SOURCE, **extra}
+    return label_hessian(
+        _paths(cache_dir, name, index), numbers, positions, cfg.level, meta, cfg.max_asym_rel, cfg.max_sum_rule_rel
     )
-    log.info(
-        "labelled %s #%d: E = %.8f Eh, |g|max = %.2e Eh/a0, sum rule %.1e rel, asym %.1e rel, "
-        "scf %d cyc, %.1f+%.1f+%.1f s",
-        name, index, out["energy"], np.abs(out["gradient"]).max(), checks["sum_rule_rel"],
-        checks["asym_rel"], out["scf_cycles"], out["wall_scf"], out["wall_grad"], out["wall_hess"],
-    )  # fmt: skip
-    return True
 
 
 def samples_task(cfg: NMSConfig, cache_dir: str, name: str) -> dict[str, Any]:
@@ -336,47 +270,13 @@ def cached_records(cache_dir: str) -> list[dict[str, Any]]:
 
 
 def to_molecules(records: list[dict[str, Any]], symmetrize: bool = True) -> list:
-    """Convert cached records (Hartree, Bohr) to ``phljax.data.Molecule`` (eV, Angstrom).
-
-    Args:
-        records: from :func:`cached_records`.
-        symmetrize: store (H + H^T)/2 (the raw analytic Hessian is symmetric to ~1e-7 rel).
-
-    Returns:
-        A list of ``Molecule`` with energy eV, forces eV/Angstrom, Hessian [N, 3, N, 3]
-        eV/Angstrom^2.
-    """
-    from ase import units
-
-    from phljax.data import Molecule
-
-    ha, bohr = float(units.Hartree), float(units.Bohr)
-    mols = []
-    for r in records:
-        n = len(r["numbers"])
-        h = np.asarray(r["hessian"], dtype=np.float64)
-        if symmetrize:
-            flat = h.reshape(3 * n, 3 * n)
-            h = (0.5 * (flat + flat.T)).reshape(n, 3, n, 3)
-        name = str(r["name"])
-        index = int(r["index"])
-        mols.append(
-            Molecule(
-                numbers=np.asarray(r["numbers"], dtype=np.int32),
-                positions=np.asarray(r["positions"], dtype=np.float64),
-                energy=float(r["energy"]) * ha,
-                forces=-np.asarray(r["gradient"]) * ha / bohr,
-                hessian=h * ha / bohr**2,
-                meta={
-                    "category": "nms",
-                    "source": "phljax.datagen (PySCF omegaB97X-D/6-31G(d) + CHG dispersion)",
-                    "name": name,
-                    "index": index,
-                    "kind": str(r.get("kind", "nms")),
-                    "sum_rule_rel": float(r["sum_rule_rel"]),
-                },
-            )
-        )
+    """Cached records -> ``phljax.data.Molecule`` (eV, Angstrom), see :func:`labels.to_molecules`;
+    records from before the category/source fields get ``category = "nms"`` and the source."""
+    mols = to_molecules_(records, symmetrize)
+    for m in mols:
+        m.meta.setdefault("category", "nms")
+        m.meta.setdefault("source", SOURCE)
+        m.meta.setdefault("kind", "nms")
     return mols
 
 

@@ -43,11 +43,22 @@ class Run:
         phdata.check_elements(molecules, config.elements)
         loss_config = config.loss()
         self.loss_config = loss_config
-        train_idx, val_idx, test_idx = phdata.split(
-            len(molecules),
-            (1 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction),
-            config.split_seed,
+        # Held-out categories (e.g. the paper's IRC and NMS sets) are never trained on: all test.
+        categories = np.array([str(m.meta.get("category", "")) for m in molecules])
+        held = np.isin(categories, list(config.holdout))
+        if config.holdout and not held.any():
+            raise ValueError(f"--holdout {list(config.holdout)}: no molecule has these categories "
+                             f"(the data have {sorted(set(categories.tolist()))})")  # fmt: skip
+        pool = np.nonzero(~held)[0]
+        train_idx, val_idx, test_idx = (
+            pool[i]
+            for i in phdata.split(
+                len(pool),
+                (1 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction),
+                config.split_seed,
+            )
         )
+        test_idx = np.sort(np.concatenate([test_idx, np.nonzero(held)[0]]))
         # global molecule indices key the fixed probes; keep them through the split
         self.molecules = list(molecules)
         self.splits = {"train": train_idx, "val": val_idx, "test": test_idx}

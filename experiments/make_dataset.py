@@ -1,0 +1,88 @@
+"""Generate (or resume) a reaction data set: RTP, IRC and NMS geometries with DFT labels.
+
+    # the bundled set (12 reactions in data/reactions/; hours on 2 cores, resumable):
+    OMP_NUM_THREADS=2 nice -n 10 python experiments/make_dataset.py
+    # one reaction, into its own cache and files:
+    python experiments/make_dataset.py --reactions data/reactions/hcn_hnc.xyz --out runs/hcn --cache runs/hcn/cache
+    # Hessian-free labels: 4 Gaussian probes and finite-difference HVPs per geometry
+    python experiments/make_dataset.py --labels hvp --num-probes 4 --out runs/hvp --cache runs/hvp/cache
+    # write the HDF5 files and data card from what the cache holds now (partial is fine):
+    python experiments/make_dataset.py --assemble
+
+A reaction is a multi-frame xyz file: reactant, product (same atoms, same order), optionally a
+TS guess. Every finished calculation is cached under --cache at once; rerunning skips it. The
+output is three ANI-layout HDF5 files, <prefix>-RTP.h5, -IRC.h5, -NMS.h5, readable by
+phljax.data.read_h5, plus DATA_CARD.md and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from phljax.datagen import reactions  # noqa: E402
+from phljax.datagen.dft import LevelOfTheory  # noqa: E402
+from phljax.datagen.pipeline import setup_logging  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reactions", nargs="+", default=sorted(glob.glob(os.path.join(ROOT, "data/reactions/*.xyz"))),
+                   help="reaction xyz files, or .txt files listing them")  # fmt: skip
+    p.add_argument("--only", default="", help="comma-separated reaction ids to run (default: all)")
+    p.add_argument("--cache", default=os.path.join(ROOT, "data/dft_cache/reactions"))
+    p.add_argument("--out", default=os.path.join(ROOT, "phljax/data/bundled"), help="directory of the HDF5 files")
+    p.add_argument("--prefix", default="chon_reactions", help="file names <prefix>-RTP.h5, -IRC.h5, -NMS.h5")
+    p.add_argument("--labels", choices=("hessian", "hvp"), default="hessian")
+    p.add_argument("--num-probes", type=int, default=4, help="K probes per geometry with --labels hvp")
+    p.add_argument("--probe-kind", choices=("gaussian", "onehot"), default="gaussian")
+    p.add_argument("--fd-step", type=float, default=5e-3, help="finite-difference step, Angstrom")
+    p.add_argument("--n-irc", type=int, default=8, help="IRC points kept per direction")
+    p.add_argument("--n-nms", type=int, default=20, help="normal-mode samples per stationary point")
+    p.add_argument("--temperature", type=float, default=500.0, help="NMS temperature, Kelvin")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--xc", default=LevelOfTheory.xc, help="libxc functional (default: omegaB97X-D's XC part)")
+    p.add_argument("--basis", default=LevelOfTheory.basis)
+    p.add_argument("--grid-level", type=int, default=LevelOfTheory.grid_level)
+    p.add_argument("--no-dispersion", action="store_true", help="leave out the CHG damped D2 term")
+    p.add_argument("--assemble", action="store_true", help="only write the HDF5 files from the cache")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--label-cost", default=os.path.join(ROOT, "data/dft_cache/label_cost.json"),
+                   help="measured labelling costs for the data card (from experiments/label_cost.py)")  # fmt: skip
+    args = p.parse_args(argv)
+
+    setup_logging(args.cache)
+    if not args.assemble:
+        level = LevelOfTheory(xc=args.xc, basis=args.basis, grid_level=args.grid_level,
+                              dispersion=not args.no_dispersion)  # fmt: skip
+        cfg = reactions.ReactionConfig(
+            level=level, labels=args.labels, num_probes=args.num_probes, probe_kind=args.probe_kind,
+            fd_step=args.fd_step, n_irc=args.n_irc, n_nms=args.n_nms, temperature=args.temperature, seed=args.seed,
+        )  # fmt: skip
+        rxns = reactions.read_reactions(args.reactions)
+        if args.only:
+            wanted = set(args.only.split(","))
+            unknown = wanted - {r.id for r in rxns}
+            if unknown:
+                raise SystemExit(f"--only: unknown reaction ids {sorted(unknown)}")
+            rxns = [r for r in rxns if r.id in wanted]
+        reactions.run(cfg, rxns, args.cache, progress=not args.no_progress)
+    summary = reactions.assemble(args.cache, args.out, args.prefix)
+    from phljax.datagen.card import render_reaction_card
+
+    with open(os.path.join(args.out, f"{args.prefix}.DATA_CARD.md"), "w") as f:
+        cost = json.load(open(args.label_cost)) if os.path.exists(args.label_cost) else None
+        f.write(render_reaction_card(summary, args.prefix, cost))
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

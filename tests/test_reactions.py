@@ -1,0 +1,241 @@
+"""The reaction data pipeline end to end on HCN -> HNC at Hartree-Fock/STO-3G (cheap, same code path).
+
+What is checked: a verified TS (one imaginary frequency) whose IRC relaxes to reactant and
+product; a minimum is rejected as a TS; resuming recomputes nothing; the three HDF5 files
+round-trip through phljax's reader with category, reaction and point; finite-difference HVPs
+agree with analytic Hessian-vector products; bad reaction files and failed SCFs never become data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyscf")
+if importlib.util.find_spec("sella") is None:
+    pytest.skip("sella not installed (pip install -e .[data])", allow_module_level=True)
+
+from phljax.data import read_h5  # noqa: E402
+from phljax.datagen import dft, labels, reactions  # noqa: E402
+from phljax.datagen.card import render_reaction_card  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HCN = os.path.join(ROOT, "data", "reactions", "hcn_hnc.xyz")
+CHEAP = dft.LevelOfTheory(xc="hf", basis="sto-3g", grid_level=0, conv_tol=1e-10, dispersion=False)
+CFG = reactions.ReactionConfig(
+    level=CHEAP, guess_basis="sto-3g", neb_images=5, neb_steps=40, neb_fmax=0.5,
+    irc_dx=0.2, irc_steps=15, irc_fmax=0.2, n_irc=2, n_nms=2,
+)  # fmt: skip
+
+
+X64_AT_IMPORT = __import__("jax").config.jax_enable_x64
+
+
+def test_sella_import_leaves_jax_config_alone():
+    """`import sella` switches the process to float64; phljax must not let that leak into training."""
+    import jax
+
+    reactions._sella()
+    assert jax.config.jax_enable_x64 == X64_AT_IMPORT
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The whole pipeline on HCN -> HNC, once per module."""
+    d = str(tmp_path_factory.mktemp("rxn_cache"))
+    summary = reactions.run(CFG, reactions.read_reactions([HCN]), d, progress=False)
+    return d, summary
+
+
+def test_pipeline_end_to_end(cache):
+    d, summary = cache
+    info = summary["reactions"]["hcn_hnc"]
+    assert info["failures"] == [] and info["rejected"] == []
+    assert (info["n_rtp"], info["n_irc"], info["n_nms"]) == (3, 2 * CFG.n_irc, 3 * CFG.n_nms)
+    ts = np.load(os.path.join(d, "hcn_hnc", "ts.npz"))
+    assert reactions.count_imaginary(ts["freq_cm"], CFG.imag_tol_cm) == 1
+    assert ts["imaginary_cm"] < -500  # a real bond-breaking saddle, not a soft mode
+    barrier = info["barrier_kcal"]
+    assert 20 < barrier < 100, barrier  # HCN -> HNC at HF/STO-3G: a few tens of kcal/mol
+    assert __import__("jax").config.jax_enable_x64 == X64_AT_IMPORT  # Sella ran in a scoped x64 context
+
+
+def test_irc_ends_relax_to_reactant_and_product(cache):
+    d, _ = cache
+    irc = np.load(os.path.join(d, "hcn_hnc", "irc.npz"))
+    assert sorted([str(irc["end_forward"]), str(irc["end_reverse"])]) == ["product", "reactant"]
+    # the path descends from the TS both ways
+    for direction in ("forward", "reverse"):
+        e = irc[f"energies_{direction}_eV"]
+        assert e[-1] < e[0]
+
+
+def test_ts_verification_rejects_a_minimum(cache):
+    d, _ = cache
+    r = np.load(os.path.join(d, "hcn_hnc", "rtp_reactant.npz"))
+    with pytest.raises(reactions.TSVerificationError, match="0 imaginary"):
+        reactions.verify_ts(r["numbers"], r["positions"], r["hessian"])
+    t = np.load(os.path.join(d, "hcn_hnc", "rtp_ts.npz"))
+    assert reactions.verify_ts(t["numbers"], t["positions"], t["hessian"])["n_imaginary"] == 1
+
+
+def test_resume_recomputes_nothing(cache, monkeypatch):
+    d, summary = cache
+    mtimes = {f: os.path.getmtime(os.path.join(dp, f)) for dp, _, fs in os.walk(d) for f in fs if f.endswith(".npz")}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a cached calculation was recomputed")
+
+    for mod, name in [(labels, "label_geometry"), (labels, "fd_hvp"), (reactions, "optimize_geometry"),
+                      (reactions, "PySCFCalculator")]:  # fmt: skip
+        monkeypatch.setattr(mod, name, forbidden)
+    again = reactions.run(CFG, reactions.read_reactions([HCN]), d, progress=False)
+    assert again["n_geometries"] == summary["n_geometries"]
+    after = {f: os.path.getmtime(os.path.join(dp, f)) for dp, _, fs in os.walk(d) for f in fs if f.endswith(".npz")}
+    assert after == mtimes
+
+
+def test_resume_after_interruption(cache, tmp_path):
+    """Delete the last labelled geometries (as if killed before them): only those are recomputed."""
+    d, summary = cache
+    copy = str(tmp_path / "copy")
+    shutil.copytree(d, copy)
+    removed = ["nms_ts_002.npz", "nms_product_002.npz"]
+    for f in removed:
+        os.remove(os.path.join(copy, "hcn_hnc", f))
+    before = {f: os.path.getmtime(os.path.join(copy, "hcn_hnc", f)) for f in os.listdir(os.path.join(copy, "hcn_hnc"))}
+    again = reactions.run(CFG, reactions.read_reactions([HCN]), copy, progress=False)
+    assert again["n_geometries"] == summary["n_geometries"]
+    for f, t in before.items():
+        if f.endswith(".npz"):
+            assert os.path.getmtime(os.path.join(copy, "hcn_hnc", f)) == t, f
+    a = np.load(os.path.join(d, "hcn_hnc", removed[0]))
+    b = np.load(os.path.join(copy, "hcn_hnc", removed[0]))
+    np.testing.assert_allclose(a["positions"], b["positions"], atol=1e-12)  # seeded: same geometry
+    np.testing.assert_allclose(a["energy"], b["energy"], atol=1e-8)
+
+
+def test_changed_config_is_refused(cache):
+    d, _ = cache
+    with pytest.raises(ValueError, match="another configuration"):
+        reactions.run(reactions.ReactionConfig(level=CHEAP, n_nms=3), reactions.read_reactions([HCN]), d)
+
+
+def test_hdf5_round_trip(cache, tmp_path):
+    d, summary = cache
+    out = reactions.assemble(d, str(tmp_path), "tiny")
+    assert set(out["files"]) == {"rtp", "irc", "nms"}
+    counts = {}
+    for cat in ("rtp", "irc", "nms"):
+        mols = read_h5(tmp_path / f"tiny-{cat.upper()}.h5", require=("energies", "forces", "hessian"))
+        counts[cat] = len(mols)
+        for m in mols:
+            assert m.meta["category"] == cat and m.meta["reaction"] == "hcn_hnc"
+            assert m.hessian.shape == (3, 3, 3, 3)
+            np.testing.assert_allclose(m.hessian.reshape(9, 9), m.hessian.reshape(9, 9).T, atol=1e-8)
+    assert counts == {"rtp": 3, "irc": 2 * CFG.n_irc, "nms": 3 * CFG.n_nms}
+    points = {m.meta["point"] for m in read_h5(tmp_path / "tiny-RTP.h5")}
+    assert points == {"reactant", "product", "ts"}
+    # energies and forces survive the unit round trip exactly (Hartree/Bohr in the cache)
+    rec = np.load(os.path.join(d, "hcn_hnc", "rtp_ts.npz"))
+    ts = [m for m in read_h5(tmp_path / "tiny-RTP.h5") if m.meta["point"] == "ts"][0]
+    from phljax import units
+
+    ha, bohr = units.HARTREE, units.BOHR
+    np.testing.assert_allclose(ts.energy, float(rec["energy"]) * ha, rtol=1e-12)
+    np.testing.assert_allclose(ts.forces, -rec["gradient"] * ha / bohr, rtol=1e-10, atol=1e-12)
+    card = render_reaction_card(out, "tiny")
+    assert "hcn_hnc" in card and "PARTIAL" in card
+
+
+def test_fd_hvp_matches_analytic_hessian():
+    """Central differences of analytic gradients along probes vs the analytic Hessian (with dispersion)."""
+    from ase.build import molecule
+
+    level = dft.LevelOfTheory(xc="hf", basis="sto-3g", grid_level=0, conv_tol=1e-11, dispersion=True)
+    a = molecule("H2CO")
+    a.positions += np.random.default_rng(0).normal(0, 0.05, a.positions.shape)  # off the minimum
+    probes = labels.make_probes("gaussian", 2, len(a), np.random.default_rng(1))
+    out = dft.fd_hvp(a.numbers, a.positions, probes, level, step=5e-3)
+    ref = dft.label_geometry(a.numbers, a.positions, level)
+    exact = np.einsum("iajb,kjb->kia", ref["hessian"], probes)
+    assert np.abs(out["hvps"] - exact).max() / np.abs(exact).max() < 1e-4
+    np.testing.assert_allclose(out["gradient"], ref["gradient"], atol=1e-7)
+    assert out["n_gradients"] == 5
+
+
+def test_hvp_labels_round_trip(tmp_path):
+    from ase.build import molecule
+
+    a = molecule("H2O")
+    probes = labels.make_probes("onehot", 3, len(a), np.random.default_rng(0))
+    assert np.allclose((probes**2).sum((1, 2)), 9.0)  # sqrt(3N) e_c
+    ref = dft.label_geometry(a.numbers, a.positions, CHEAP)
+    stem = str(tmp_path / "w")
+    extra = {"category": "nms", "reaction": "w", "point": "x", "index": 0, "source": "test"}
+    assert labels.label_hvp(stem, a.numbers, a.positions, probes, CHEAP, extra, reference_hessian=ref["hessian"])
+    rec = np.load(stem + ".npz")
+    assert float(rec["fd_rel_error"]) < 1e-4
+    mols = labels.to_molecules([dict(rec)])
+    from phljax.data import write_h5
+
+    write_h5(tmp_path / "w.h5", mols)
+    (m,) = read_h5(tmp_path / "w.h5", require=("energies", "forces", "hvps"))
+    assert m.hessian is None and m.hvps.shape == (3, 3, 3)
+    np.testing.assert_allclose(m.hvp_probes, probes)
+    np.testing.assert_allclose(m.hvps, mols[0].hvps, rtol=1e-12)
+
+
+def test_unconverged_scf_is_rejected_not_written(tmp_path):
+    from ase.build import molecule
+
+    a = molecule("H2O")
+    level = dft.LevelOfTheory(xc="hf", basis="sto-3g", grid_level=0, conv_tol=1e-14, max_cycle=1, dispersion=False)
+    stem = str(tmp_path / "bad")
+    assert not labels.label_hessian(stem, a.numbers, a.positions, level, {"category": "nms"})
+    assert not os.path.exists(stem + ".npz") and os.path.exists(stem + ".rejected.json")
+    assert labels.is_done(stem)
+
+
+def test_bad_reaction_files_name_file_and_frame(tmp_path):
+    good = open(HCN).read().splitlines()
+    p = tmp_path / "swapped.xyz"
+    lines = list(good)
+    lines[7], lines[8] = lines[8], lines[7]  # product atoms in another order
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(reactions.ReactionFileError, match=r"swapped\.xyz: frame 1 .* mapped"):
+        reactions.read_reaction(str(p))
+    one = tmp_path / "one.xyz"
+    one.write_text("\n".join(good[:5]) + "\n")
+    with pytest.raises(reactions.ReactionFileError, match=r"one\.xyz: expected 2 frames"):
+        reactions.read_reaction(str(one))
+    charged = tmp_path / "charged.xyz"
+    charged.write_text("\n".join(good).replace("charge=0", "charge=1") + "\n")
+    with pytest.raises(reactions.ReactionFileError, match="charge=1"):
+        reactions.read_reaction(str(charged))
+
+
+def test_bundled_reaction_files_are_mapped():
+    """Every shipped reaction reads, and reactant and product differ (bonds or conformation)."""
+    import glob
+
+    rx = reactions.read_reactions(sorted(glob.glob(os.path.join(ROOT, "data", "reactions", "*.xyz"))))
+    assert len(rx) >= 10
+    for r in rx:
+        assert set(r.numbers.tolist()) <= {1, 6, 7, 8}
+        assert reactions.aligned_rmsd(r.reactant, r.product) > 0.2, r.id
+
+
+def test_endpoint_matching_by_bonds_and_rmsd():
+    numbers = np.array([1, 6, 7])
+    hcn = np.array([[0, 0, -1.07], [0, 0, 0], [0, 0, 1.16]])
+    hnc = np.array([[0, 0, 2.17], [0, 0, 0], [0, 0, 1.17]])
+    assert reactions.match_endpoint(numbers, hcn + 0.01, hcn, hnc) == "reactant"
+    assert reactions.match_endpoint(numbers, hnc, hcn, hnc) == "product"
+    assert reactions.match_endpoint(numbers, np.array([[0, 0, 5.0], [0, 0, 0], [0, 0, 1.16]]), hcn, hnc) is None
+    idx = reactions.irc_points(np.linspace(0, 1, 11)[:, None, None] * np.ones((1, 3, 3)), 4)
+    assert idx.tolist() == [3, 5, 8, 10] or len(idx) == 4
