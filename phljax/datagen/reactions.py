@@ -653,17 +653,18 @@ def _hessian_record(st: _Stage, point: str, cfg: ReactionConfig) -> dict | None:
 
 
 def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) -> Iterator[tuple[str, Any]]:
-    """The work, stage by stage and round robin over reactions, as (description, thunk) pairs.
+    """The work as (description, thunk) pairs.
 
-    Order: optimisations; reactant/product Hessians; TS searches; IRCs; IRC labels (point k of
-    every reaction, then k+1); NMS labels likewise. A partial cache therefore covers every
-    reaction and category. A thunk whose prerequisite failed does nothing.
+    Order: the structure work of one reaction after another (optimise reactant and product,
+    their Hessians, TS, IRC), so each finished reaction is complete and verified early; then
+    the labels round robin over reactions (IRC point k of every reaction, then k+1; NMS sample
+    k around every stationary point, then k+1), so a partial cache covers every reaction and
+    category. A thunk whose prerequisite failed does nothing.
     """
     stages = [_Stage(cache_dir, r) for r in reactions]
     for st in stages:
         for role in ("reactant", "product"):
             yield f"{st.rxn.id}: optimise {role}", lambda st=st, role=role: optimize_stage(cfg, st, role)
-    for st in stages:
         for role in ("reactant", "product"):
 
             def run_label(st=st, role=role):
@@ -672,14 +673,12 @@ def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) ->
                     stationary_hessian(cfg, st, role, opt["positions"])
 
             yield f"{st.rxn.id}: label {role}", run_label
-    for st in stages:
 
         def run_ts(st=st):
             if all(optimize_stage(cfg, st, r) is not None for r in ("reactant", "product")):
                 ts_stage(cfg, st)
 
         yield f"{st.rxn.id}: transition state", run_ts
-    for st in stages:
         yield f"{st.rxn.id}: IRC", lambda st=st: os.path.exists(st.path("ts.npz")) and irc_stage(cfg, st)
     for k in range(cfg.n_irc):
         for st in stages:
