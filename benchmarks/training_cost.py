@@ -249,7 +249,7 @@ def run_one(label: str, probe: str, k: int, n: int, args) -> dict:
         status = trials[key].get("error") or f"{trials[key].get('step_time_s', float('nan')):.3f} s"
         print(f"        E-F-H chunk {key:>4}: {status}", flush=True)
     ok = {c: r for c, r in trials.items() if "error" not in r}
-    summary = {c: (r.get("step_time_s") if "error" not in r else r["error"]) for c, r in trials.items()}
+    summary = {c: {k: r[k] for k in ("step_time_s", "peak_bytes", "error") if k in r} for c, r in trials.items()}
     if not ok:
         error = "; ".join(f"chunk {c}: {r['error']}" for c, r in trials.items())
         return {**head, "error": error, "chunk_trials": summary}
