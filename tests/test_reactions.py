@@ -239,3 +239,19 @@ def test_endpoint_matching_by_bonds_and_rmsd():
     assert reactions.match_endpoint(numbers, np.array([[0, 0, 5.0], [0, 0, 0], [0, 0, 1.16]]), hcn, hnc) is None
     idx = reactions.irc_points(np.linspace(0, 1, 11)[:, None, None] * np.ones((1, 3, 3)), 4)
     assert idx.tolist() == [3, 5, 8, 10] or len(idx) == 4
+
+
+def test_hvp_mode_stationary_point_is_validated(tmp_path):
+    """--labels hvp: a stationary point gets a helper analytic Hessian and FD-HVP data labels
+    checked against it; the data record carries probes and HVPs, not the Hessian."""
+    cfg = reactions.ReactionConfig(level=CHEAP, labels="hvp", num_probes=2, probe_kind="onehot")
+    rx = reactions.read_reaction(HCN)
+    st = reactions._Stage(str(tmp_path), rx)
+    reactions.stationary_hessian(cfg, st, "reactant", rx.reactant)
+    helper = np.load(st.path("hess_reactant.npz"))
+    data = np.load(st.path("rtp_reactant.npz"))
+    assert "hessian" in helper.files and "hessian" not in data.files
+    assert data["hvps"].shape == (2, 3, 3) and float(data["fd_rel_error"]) < 1e-3  # O(h^2), h = 5e-3 A
+    assert str(data["category"]) == "rtp" and str(data["point"]) == "reactant"
+    (rec,) = list(reactions.cached_records_of(st.dir))
+    assert str(rec["labels"]) == "hvp"
