@@ -586,6 +586,9 @@ def irc_stage(cfg: ReactionConfig, st: _Stage) -> dict | None:
     except Exception as err:  # SCF failure or an IRC breakdown: recorded, the run goes on
         st.fail("irc", f"{type(err).__name__}: {err}")
         return None
+    if min(len(v) for v in paths.values()) < 2:
+        st.fail("irc", f"an IRC branch has fewer than 2 points ({ {k: len(v) for k, v in paths.items()} })")
+        return None
     paths = {k: np.stack(v) for k, v in paths.items()}
     energies = {k: np.array(v) for k, v in energies.items()}
     r, p = load_npz(st.path("reactant_opt.npz")), load_npz(st.path("product_opt.npz"))
