@@ -423,6 +423,8 @@ def main(argv=None) -> None:
             print(f"{n:>5} atoms  {label:<22} {status}", flush=True)
             with open(args.out, "w") as f:  # keep what is measured so far
                 json.dump(records, f, indent=2)
+    with open(args.out, "w") as f:
+        json.dump(records, f, indent=2)
     plot(records, os.path.splitext(args.out)[0] + ".png")
     print()
     print(table(records))
