@@ -226,9 +226,9 @@ def render_reaction_card(summary: dict[str, Any], prefix: str, label_cost: dict[
             "| molecule | atoms | energy+gradient+Hessian, s | energy+gradient, s | FD HVP labels, s | "
             "Hessian / HVP time | FD error, max abs(Hv - FD) / max abs(Hv) |\n|---|---|---|---|---|---|---|\n"
             + "\n".join(crow)
-            + "\n\nThe FD error does not fall below ~1e-3 with the step: PySCF's DFT gradients leave out the\n"
-            "response of the moving integration grid, so differences of gradients and the analytic Hessian\n"
-            "disagree at the level of the grid error (the same size as the Hessian's sum-rule error).\n"
+            + "\n\nThe FD errors (5e-4 to 4e-3) are about the size of the Hessians' sum-rule errors. The likely\n"
+            "cause is that PySCF's DFT gradients leave out the response of the moving integration grid;\n"
+            "no scan over the step has been made to confirm it.\n"
         )
     return f"""# Data card: `{prefix}-{{RTP,IRC,NMS}}.h5` (bundled omegaB97X-D/6-31G(d) reaction set)
 
