@@ -83,8 +83,9 @@ def mace_batch(molecules, cutoff: float):
     return next(iter(loader))
 
 
-def measure_mace(n_atoms: int, batch_size: int, repeats: int, time_budget: float) -> list[dict]:
-    """Time MACE's three training steps and its Hessian inference at one size (this process)."""
+def measure_mace(n_atoms: int, batch_size: int, repeats: int, time_budget: float, device: str = "cpu") -> list[dict]:
+    """Time MACE's three training steps and its Hessian inference at one size (this process), on a
+    torch `device` ("cpu" or "cuda"; every timed call ends with a synchronisation)."""
     import time
 
     import mace  # noqa: F401
@@ -97,21 +98,21 @@ def measure_mace(n_atoms: int, batch_size: int, repeats: int, time_budget: float
     cutoff = 5.0
     mols = [training_cost.synthetic_molecule(n_atoms, seed) for seed in range(batch_size)]
     torch.manual_seed(0)
-    model = build_mace(cutoff, phdata.mean_neighbors(mols, cutoff))
+    model = build_mace(cutoff, phdata.mean_neighbors(mols, cutoff)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    batch = mace_batch(mols, cutoff)
+    batch = mace_batch(mols, cutoff).to(device)
     node_graph = batch["batch"]  # [n_nodes] molecule of each atom
-    first = torch.zeros(batch_size + 1, dtype=torch.long)
+    first = torch.zeros(batch_size + 1, dtype=torch.long, device=device)
     first[1:] = torch.cumsum(torch.bincount(node_graph, minlength=batch_size), 0)
-    local = torch.arange(len(node_graph)) - first[node_graph]  # [n_nodes] atom index in its molecule
+    local = torch.arange(len(node_graph), device=device) - first[node_graph]  # [n_nodes] atom index in its molecule
     dof = 3.0 * (first[1:] - first[:-1]).float()  # [G] 3N
-    e_ref = torch.zeros(batch_size)
-    f_ref = torch.zeros(len(node_graph), 3)
-    h_ref = torch.zeros(len(node_graph), 3, n_atoms, 3)  # local column form, as phljax
+    e_ref = torch.zeros(batch_size, device=device)
+    f_ref = torch.zeros(len(node_graph), 3, device=device)
+    h_ref = torch.zeros(len(node_graph), 3, n_atoms, 3, device=device)  # local column form, as phljax
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def per_graph(x):  # [n_nodes, ...] -> [G]
-        return torch.zeros(batch_size).index_add(0, node_graph, x.reshape(len(node_graph), -1).sum(-1))
+        return torch.zeros(batch_size, device=device).index_add(0, node_graph, x.reshape(len(node_graph), -1).sum(-1))
 
     def step(scheme: str):
         optimizer.zero_grad(set_to_none=True)
@@ -123,7 +124,9 @@ def measure_mace(n_atoms: int, batch_size: int, repeats: int, time_budget: float
         if scheme == "E-F-HVP random K=1":
             v = torch.randn_like(positions)
             hv = -torch.autograd.grad(f, positions, grad_outputs=v, create_graph=True)[0]  # [n_nodes, 3] H v
-            ref = torch.einsum("nias,nas->ni", h_ref, v[first[node_graph][:, None] + torch.arange(n_atoms)])
+            ref = torch.einsum(
+                "nias,nas->ni", h_ref, v[first[node_graph][:, None] + torch.arange(n_atoms, device=device)]
+            )
             loss = loss + 0.09 * per_graph((hv - ref) ** 2) / dof**2
         elif scheme == "E-F-H":
             err = 0.0
@@ -135,6 +138,8 @@ def measure_mace(n_atoms: int, batch_size: int, repeats: int, time_budget: float
             loss = loss + 0.09 * err / dof**2
         loss.sum().div(batch_size).backward()
         optimizer.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     records = []
     for scheme in TASKS[:3]:
@@ -143,7 +148,7 @@ def measure_mace(n_atoms: int, batch_size: int, repeats: int, time_budget: float
         times = training_cost.time_calls(lambda s=scheme: step(s), repeats, time_budget)
         records.append(dict(task=scheme, step_times_s=times, step_time_s=float(np.median(times))))
 
-    calc = MACECalculator(models=build_mace(cutoff).eval(), device="cpu", default_dtype="float32")
+    calc = MACECalculator(models=build_mace(cutoff).eval(), device=device, default_dtype="float32")
     import ase
 
     atoms = ase.Atoms(numbers=mols[0].numbers, positions=mols[0].positions)
@@ -155,7 +160,9 @@ def measure_mace(n_atoms: int, batch_size: int, repeats: int, time_budget: float
     records.append(dict(task="Hessian inference", first_call_s=first_call, step_times_s=times))
     records[-1]["step_time_s"] = float(np.median(times))
     for r in records:
-        r.update(framework="mace-torch", n_atoms=n_atoms, n_params=n_params, threads=torch.get_num_threads())
+        r.update(
+            framework="mace-torch", n_atoms=n_atoms, n_params=n_params, threads=torch.get_num_threads(), device=device
+        )
         r["batch_size"] = 1 if r["task"] == "Hessian inference" else batch_size
     return records
 
@@ -210,6 +217,8 @@ def main(argv=None) -> None:
     p.add_argument("--hessian-chunks", type=int, nargs="+", default=[0, 12])
     p.add_argument("--out", default="benchmarks/results/peer_mace.json")
     p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--device", default="cpu", help='torch device of MACE ("cuda" on a GPU; phljax uses JAX\'s default)')
+    p.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space cap of phljax workers (0: none)")
     p.add_argument("--worker", nargs=2, metavar=("WHAT", "N"), help=argparse.SUPPRESS)
     p.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -217,7 +226,7 @@ def main(argv=None) -> None:
     if args.worker:
         what, n = args.worker[0], int(args.worker[1])
         if what == "mace":
-            out = measure_mace(n, args.batch_size, args.repeats, args.time_budget)
+            out = measure_mace(n, args.batch_size, args.repeats, args.time_budget, args.device)
         else:
             out = measure_phljax_hessian(n, args.repeats, args.time_budget, args.chunk or None)
         print(json.dumps(out))
@@ -231,14 +240,14 @@ def main(argv=None) -> None:
         channels=16,
         lmax=2,
         num_layers=2,
-        mem_limit_gb=20.0,
+        mem_limit_gb=args.mem_limit_gb,
         hessian_chunks=args.hessian_chunks,
         compile_only=False,
         timeout=args.timeout,
     )
     records = []
     me = [sys.executable, os.path.abspath(__file__), "--batch-size", str(args.batch_size), "--repeats",
-          str(args.repeats), "--time-budget", str(args.time_budget)]  # fmt: skip
+          str(args.repeats), "--time-budget", str(args.time_budget), "--device", args.device]  # fmt: skip
     for n in args.atoms:
         for label, probe, k in training_cost.SCHEMES:
             if label in TASKS:

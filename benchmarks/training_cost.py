@@ -321,6 +321,22 @@ def column_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def throughput_table(records: list[dict]) -> str:
+    """Molecules per second of training (batch size / median step time), one column per scheme."""
+    by = {(r["scheme"], r["n_atoms"]): r for r in records}
+    labels = [label for label, _, _ in SCHEMES if any(r["scheme"] == label for r in records)]
+    lines = ["| atoms | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for n in sorted({r["n_atoms"] for r in records}):
+        cells = []
+        for label in labels:
+            r = by.get((label, n))
+            cells.append(
+                f"{r['batch_size'] / r['step_time_s']:.1f}" if _ok(r) else ("failed" if r and "error" in r else "")
+            )
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(records: list[dict], path: str) -> None:
     """Step time per molecule and XLA peak memory against atoms, log-log, one line per scheme."""
     import matplotlib
@@ -351,7 +367,8 @@ def plot(records: list[dict], path: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
-    fig.suptitle("phljax NequIP (16 ch, l<=2, 2 layers), one jitted AdamW step, CPU", fontsize=10)
+    devices = sorted({r["device"] for r in records if r.get("device")}) or ["CPU"]
+    fig.suptitle(f"phljax NequIP (16 ch, l<=2, 2 layers), one jitted AdamW step, {', '.join(devices)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -373,7 +390,9 @@ def main(argv=None) -> None:
         "--hessian-chunks", type=int, nargs="+", default=[0, 12], help="E-F-H chunk sizes to try (0: all columns)"
     )
     p.add_argument("--compile-only", action="store_true", help="XLA memory analysis only (sizes that do not fit)")
-    p.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space cap of each worker")
+    p.add_argument(
+        "--mem-limit-gb", type=float, default=20.0, help="address-space cap of each worker (0: none, for GPUs)"
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     p.add_argument("--from-json", nargs="+", metavar="FILE", help="merge these results (no measuring): table, plot")
     p.add_argument("--worker", nargs=3, metavar=("PROBE", "K", "N"), help=argparse.SUPPRESS)
@@ -385,8 +404,9 @@ def main(argv=None) -> None:
     if args.worker:
         import resource
 
-        limit = int(args.mem_limit_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        if args.mem_limit_gb > 0:  # 0 on a GPU: CUDA reserves far more address space than it uses
+            limit = int(args.mem_limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         probe, k, n = args.worker[0], int(args.worker[1]), int(args.worker[2])
         model_kwargs = {"channels": args.channels, "lmax": args.lmax, "num_layers": args.num_layers}
         record = measure(
@@ -430,6 +450,8 @@ def main(argv=None) -> None:
     print(table(records))
     print()
     print(column_table(records))
+    print()
+    print(throughput_table(records))
     print(f"\nwrote {args.out} and {os.path.splitext(args.out)[0]}.png")
 
 
