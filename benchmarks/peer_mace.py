@@ -243,6 +243,7 @@ def main(argv=None) -> None:
         mem_limit_gb=args.mem_limit_gb,
         hessian_chunks=args.hessian_chunks,
         compile_only=False,
+        remat="none",
         timeout=args.timeout,
     )
     records = []

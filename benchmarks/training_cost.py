@@ -122,8 +122,13 @@ def measure(
     model_kwargs: dict,
     chunk: int | None,
     compile_only: bool = False,
+    remat: str = "none",
 ) -> dict:
-    """Compile and time one train step with an AdamW update (in this process)."""
+    """Compile and time one train step with an AdamW update (in this process).
+
+    `remat`: "none", or rematerialise the energy function under every derivative with
+    `jax.checkpoint` ("full": save nothing; "dots": save matrix products without batch dims).
+    """
     import resource
     import time
 
@@ -138,7 +143,11 @@ def measure(
     _, batch, model, params, loss_config = setup(probe, num_probes, n_atoms, batch_size, model_kwargs)
     optimizer = make_optimizer(1e-3)
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(1))
-    train_step = make_train_step(make_energy_fn(model), loss_config, optimizer, hessian_chunk=chunk)
+    energy_fn = make_energy_fn(model)
+    if remat != "none":
+        policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[remat]
+        energy_fn = jax.checkpoint(energy_fn, policy=policy)
+    train_step = make_train_step(energy_fn, loss_config, optimizer, hessian_chunk=chunk)
     traces = 0
 
     def step(state, batch, monitor):
@@ -160,6 +169,7 @@ def measure(
         "peak_bytes": xla_peak_bytes(compiled),
         "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
         "device": str(jax.devices()[0].device_kind),
+        "remat": remat,
     }
     if probe == "full":
         record["hessian_columns"] = 3 * n_atoms
@@ -213,6 +223,8 @@ def _worker_cmd(probe: str, k: int, n: int, args, chunk: int = 0) -> list[str]:
         str(args.mem_limit_gb),
         "--hessian-chunks",
         str(chunk),
+        "--remat",
+        args.remat,
     ] + (["--compile-only"] if args.compile_only else [])
 
 
@@ -389,6 +401,9 @@ def main(argv=None) -> None:
     p.add_argument(
         "--hessian-chunks", type=int, nargs="+", default=[0, 12], help="E-F-H chunk sizes to try (0: all columns)"
     )
+    p.add_argument(
+        "--remat", choices=("none", "full", "dots"), default="none", help="jax.checkpoint the energy function"
+    )
     p.add_argument("--compile-only", action="store_true", help="XLA memory analysis only (sizes that do not fit)")
     p.add_argument(
         "--mem-limit-gb", type=float, default=20.0, help="address-space cap of each worker (0: none, for GPUs)"
@@ -419,6 +434,7 @@ def main(argv=None) -> None:
             model_kwargs,
             args.hessian_chunks[0] or None,
             args.compile_only,
+            args.remat,
         )
         print(json.dumps(record))
         return
