@@ -109,7 +109,9 @@ def value_grad_and_block_hessian(
     Column (a, j) of every molecule at once: the probe is the unit vector on the a-th atom of every
     molecule, direction j. Because molecules do not interact, H of that probe gives, at node n,
     d2E / dR_n dR_{a-th atom of n's molecule, j}. Cost: 3A HVPs of the whole batch, A = max atoms
-    per molecule, independent of the number of molecules; `chunk_size` columns at a time.
+    per molecule, independent of the number of molecules; `chunk_size` columns at a time. Chunks
+    are rematerialised (`jax.checkpoint`), so a parameter gradient of the blocks (E-F-H training)
+    stores one chunk's tangents, not all 3A columns', at the price of recomputing them.
 
     Requires the padding nodes that `graph_nodes` points to beyond a molecule's atoms to be
     disconnected from real atoms and to carry no energy (as in `GraphBatch`): their columns then
@@ -127,6 +129,8 @@ def value_grad_and_block_hessian(
         v = jnp.zeros((n_nodes, 3), positions.dtype).at[graph_nodes[:, c // 3], c % 3].set(1.0)
         return pushforward(v)[1]  # [n_nodes, 3]
 
+    if chunk_size:  # under an outer gradient keep one chunk's tangents at a time, recomputed
+        column = jax.checkpoint(column)
     cols = jax.lax.map(column, jnp.arange(3 * max_atoms), batch_size=chunk_size or 3 * max_atoms)  # [3A, N, 3]
     return e, g, cols.reshape(max_atoms, 3, n_nodes, 3).transpose(2, 3, 0, 1)
 
