@@ -83,16 +83,28 @@ def hvp(energy: Energy, positions: jax.Array, tangents: jax.Array, *args) -> jax
     return grad_and_hvp(energy, positions, tangents, *args)[1]
 
 
+def _map_columns(column: Callable, xs: jax.Array, chunk_size: int | None) -> jax.Array:
+    """`lax.map(column, xs)`, `chunk_size` columns at a time (None: all at once, fastest).
+
+    With chunking each chunk is rematerialised (`jax.checkpoint`): under an outer gradient (E-F-H
+    training) only one chunk's tangents are stored, not every column's, at the price of recomputing
+    them. That is what makes `chunk_size` bound memory in training as well as in inference.
+    """
+    if chunk_size:
+        column = jax.checkpoint(column)
+    return jax.lax.map(column, xs, batch_size=chunk_size or xs.shape[0])
+
+
 def hessian(energy: Energy, positions: jax.Array, *args, chunk_size: int | None = None) -> jax.Array:
     """Full Hessian d2E/dR dR, shape [*positions.shape, *positions.shape] (eV/A^2).
 
-    Built from HVPs along the D = positions.size basis vectors with `lax.map`, `chunk_size`
-    columns at a time (None: all at once, fastest; smaller: bounded memory).
+    Built from HVPs along the D = positions.size basis vectors, `chunk_size` columns at a time
+    (None: all at once, fastest; smaller: bounded memory, also under a parameter gradient).
     """
     d = positions.size
     basis = jnp.eye(d, dtype=positions.dtype).reshape(d, *positions.shape)
     _, pushforward = jax.linearize(jax.grad(lambda r: energy(r, *args)), positions)
-    columns = jax.lax.map(pushforward, basis, batch_size=chunk_size or d)  # [D, *shape]
+    columns = _map_columns(pushforward, basis, chunk_size)  # [D, *shape]
     return columns.reshape(*positions.shape, *positions.shape)  # symmetric, so rows == columns
 
 
@@ -129,9 +141,7 @@ def value_grad_and_block_hessian(
         v = jnp.zeros((n_nodes, 3), positions.dtype).at[graph_nodes[:, c // 3], c % 3].set(1.0)
         return pushforward(v)[1]  # [n_nodes, 3]
 
-    if chunk_size:  # under an outer gradient keep one chunk's tangents at a time, recomputed
-        column = jax.checkpoint(column)
-    cols = jax.lax.map(column, jnp.arange(3 * max_atoms), batch_size=chunk_size or 3 * max_atoms)  # [3A, N, 3]
+    cols = _map_columns(column, jnp.arange(3 * max_atoms), chunk_size)  # [3A, N, 3]
     return e, g, cols.reshape(max_atoms, 3, n_nodes, 3).transpose(2, 3, 0, 1)
 
 
