@@ -22,6 +22,7 @@ if importlib.util.find_spec("sella") is None:
 from phljax.data import read_h5  # noqa: E402
 from phljax.datagen import dft, labels, reactions  # noqa: E402
 from phljax.datagen.card import render_reaction_card  # noqa: E402
+from phljax.datagen.reactions import structure  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HCN = os.path.join(ROOT, "data", "reactions", "hcn_hnc.xyz")
@@ -39,7 +40,7 @@ def test_sella_import_leaves_jax_config_alone():
     """`import sella` switches the process to float64; phljax must not let that leak into training."""
     import jax
 
-    reactions._sella()
+    reactions.import_sella()
     assert jax.config.jax_enable_x64 == X64_AT_IMPORT
 
 
@@ -90,8 +91,8 @@ def test_resume_recomputes_nothing(cache, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a cached calculation was recomputed")
 
-    for mod, name in [(labels, "label_geometry"), (labels, "fd_hvp"), (reactions, "optimize_geometry"),
-                      (reactions, "PySCFCalculator")]:  # fmt: skip
+    for mod, name in [(labels, "label_geometry"), (labels, "fd_hvp"), (structure, "optimize_geometry"),
+                      (structure, "PySCFCalculator")]:  # fmt: skip
         monkeypatch.setattr(mod, name, forbidden)
     again = reactions.run(CFG, reactions.read_reactions([HCN]), d, progress=False)
     assert again["n_geometries"] == summary["n_geometries"]
@@ -246,7 +247,7 @@ def test_hvp_mode_stationary_point_is_validated(tmp_path):
     checked against it; the data record carries probes and HVPs, not the Hessian."""
     cfg = reactions.ReactionConfig(level=CHEAP, labels="hvp", num_probes=2, probe_kind="onehot")
     rx = reactions.read_reaction(HCN)
-    st = reactions._Stage(str(tmp_path), rx)
+    st = reactions.ReactionDir(str(tmp_path), rx)
     reactions.stationary_hessian(cfg, st, "reactant", rx.reactant)
     helper = np.load(st.path("hess_reactant.npz"))
     data = np.load(st.path("rtp_reactant.npz"))

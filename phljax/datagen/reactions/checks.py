@@ -1,0 +1,84 @@
+"""Geometry checks of the pipeline: is a saddle a transition state, which minimum is an IRC end?"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from phljax.datagen.sampling import normal_modes
+
+
+class TSVerificationError(ValueError):
+    """A saddle-point search ended at a geometry that is not a first-order saddle."""
+
+
+def bond_graph(numbers: np.ndarray, positions: np.ndarray, scale: float = 1.2) -> frozenset:
+    """Bonded pairs {(i, j)}: distance below ``scale`` times the sum of covalent radii."""
+    from ase.data import covalent_radii
+
+    r = covalent_radii[np.asarray(numbers)]
+    d = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
+    i, j = np.nonzero(np.triu(d < scale * (r[:, None] + r[None]), k=1))
+    return frozenset(zip(i.tolist(), j.tolist(), strict=True))
+
+
+def aligned_rmsd(a: np.ndarray, b: np.ndarray) -> float:
+    """RMSD (Angstrom) between two [N, 3] structures with the same atom order after the best
+    rigid superposition (Kabsch; reflections excluded)."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    u, _, vt = np.linalg.svd(a.T @ b)
+    d = np.sign(np.linalg.det(u @ vt))
+    rot = u @ np.diag([1.0, 1.0, d]) @ vt
+    return float(np.sqrt(((a @ rot - b) ** 2).sum(-1).mean()))
+
+
+def count_imaginary(freq_cm: np.ndarray, tol_cm: float = 20.0) -> int:
+    """Number of vibrational frequencies below ``-tol_cm`` (imaginary ones are negative), cm^-1."""
+    return int(np.sum(np.asarray(freq_cm) < -tol_cm))
+
+
+def verify_ts(
+    numbers: np.ndarray,  # [N]
+    positions: np.ndarray,  # [N, 3] Angstrom
+    hessian: np.ndarray,  # [N, 3, N, 3] Hartree/Bohr^2
+    tol_cm: float = 20.0,
+) -> dict[str, Any]:
+    """Check a transition state: exactly one imaginary frequency after projecting out
+    translations and rotations.
+
+    Returns:
+        ``{"freq_cm": [M] cm^-1, "n_imaginary": 1, "imaginary_cm": the imaginary frequency
+        (negative)}``.
+
+    Raises:
+        TSVerificationError: with the count and the frequencies, if not exactly one is imaginary.
+    """
+    freq = normal_modes(numbers, positions, hessian)["freq_cm"]
+    n_imag = count_imaginary(freq, tol_cm)
+    if n_imag != 1:
+        raise TSVerificationError(
+            f"{n_imag} imaginary frequencies (below -{tol_cm:g} cm^-1), expected exactly 1; "
+            f"lowest: {np.round(np.sort(freq)[:3], 1).tolist()} cm^-1"
+        )
+    return {"freq_cm": freq, "n_imaginary": n_imag, "imaginary_cm": float(freq.min())}
+
+
+def match_endpoint(
+    numbers: np.ndarray, end: np.ndarray, reactant: np.ndarray, product: np.ndarray, rmsd_tol: float = 0.3
+) -> str | None:
+    """Which minimum a relaxed IRC end is: ``"reactant"``, ``"product"`` or None (neither).
+
+    Bond graphs decide when reactant and product differ in bonding; otherwise (conformers) the
+    aligned RMSD does: within ``rmsd_tol`` Angstrom of one and nearer to it than to the other.
+    """
+    g_end = bond_graph(numbers, end)
+    g_r, g_p = bond_graph(numbers, reactant), bond_graph(numbers, product)
+    if g_r != g_p:
+        return "reactant" if g_end == g_r else "product" if g_end == g_p else None
+    if g_end != g_r:
+        return None
+    d_r, d_p = aligned_rmsd(end, reactant), aligned_rmsd(end, product)
+    best, d = ("reactant", d_r) if d_r < d_p else ("product", d_p)
+    return best if d <= rmsd_tol else None

@@ -1,0 +1,103 @@
+"""Labels of a reaction's geometries, and the cache directory they live in.
+
+Every labelled geometry is one ``.npz`` in ``<cache>/<reaction>/``, written atomically; a label
+that exists is never recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from typing import Any
+
+import numpy as np
+
+from phljax.datagen.cache import load_json, load_npz, save_json, save_npz
+from phljax.datagen.labels import is_done, label_hessian, label_hvp, make_probes
+from phljax.datagen.reactions.spec import Reaction, ReactionConfig
+from phljax.datagen.sampling import normal_modes, sample_normal_modes
+
+log = logging.getLogger("phljax.datagen")
+
+STATIONARY = ("reactant", "product", "ts")
+SOURCE = "phljax.datagen.reactions (PySCF omegaB97X-D/6-31G(d) + CHG dispersion)"
+
+
+class ReactionDir:
+    """Paths and failure bookkeeping of one reaction's cache directory."""
+
+    def __init__(self, cache_dir: str, reaction: Reaction):
+        self.rxn = reaction
+        self.dir = os.path.join(cache_dir, reaction.id)
+        os.makedirs(self.dir, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def failed(self, name: str) -> dict | None:
+        p = self.path(name + ".failed.json")
+        return load_json(p) if os.path.exists(p) else None
+
+    def fail(self, name: str, err: Exception | str, **info) -> None:
+        log.error("FAILED %s/%s: %s", self.rxn.id, name, err)
+        record = {"reaction": self.rxn.id, "stage": name, "reason": str(err), **info}
+        save_json(self.path(name + ".failed.json"), record)
+
+
+def data_extra(rid: str, category: str, point: str, index: int, **more) -> dict[str, Any]:
+    return {"category": category, "reaction": rid, "point": point, "index": index, "source": SOURCE, **more}
+
+
+def label_point(
+    cfg: ReactionConfig, st: ReactionDir, stem: str, positions: np.ndarray, extra: dict, force_hessian: bool = False
+) -> dict | None:
+    """Label one geometry in the configured way (or with a Hessian if ``force_hessian``)."""
+    path = st.path(stem)
+    if not is_done(path):
+        if cfg.labels == "hessian" or force_hessian:
+            label_hessian(path, st.rxn.numbers, positions, cfg.level, extra, cfg.max_asym_rel, cfg.max_sum_rule_rel)
+        else:
+            rng = np.random.default_rng([cfg.seed, zlib.crc32(st.rxn.id.encode()), zlib.crc32(stem.encode())])
+            probes = make_probes(cfg.probe_kind, cfg.num_probes, len(st.rxn.numbers), rng)
+            label_hvp(path, st.rxn.numbers, positions, probes, cfg.level, extra, cfg.fd_step)
+    return load_npz(path + ".npz") if os.path.exists(path + ".npz") else None
+
+
+def stationary_hessian(cfg: ReactionConfig, st: ReactionDir, point: str, positions: np.ndarray) -> dict | None:
+    """Analytic-Hessian label of a stationary point (``hess_<point>``); in HVP mode its
+    finite-difference labels (``rtp_<point>``) are made too and validated against it."""
+    extra = data_extra(st.rxn.id, "rtp", point, 0)
+    rec = label_point(cfg, st, f"hess_{point}" if cfg.labels == "hvp" else f"rtp_{point}", positions, extra, True)
+    if rec is not None and cfg.labels == "hvp" and not is_done(st.path(f"rtp_{point}")):
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(st.rxn.id.encode()), zlib.crc32(f"rtp_{point}".encode())])
+        probes = make_probes(cfg.probe_kind, cfg.num_probes, len(st.rxn.numbers), rng)
+        label_hvp(st.path(f"rtp_{point}"), st.rxn.numbers, positions, probes, cfg.level, extra, cfg.fd_step,
+                  reference_hessian=rec["hessian"])  # fmt: skip
+    return rec
+
+
+def hessian_record(st: ReactionDir, point: str, cfg: ReactionConfig) -> dict | None:
+    """The analytic-Hessian record of a stationary point (the TS's, verified or not)."""
+    names = ["hess_" + point, "rtp_" + point] if cfg.labels == "hessian" else ["hess_" + point]
+    for name in names:
+        if os.path.exists(st.path(name + ".npz")):
+            return load_npz(st.path(name + ".npz"))
+    return None
+
+
+def nms_samples(cfg: ReactionConfig, st: ReactionDir, point: str, hessian_record: dict) -> dict:
+    """Normal-mode samples around a stationary point (drawn once, cached, seeded)."""
+    out = st.path(f"nms_{point}_samples.npz")
+    if os.path.exists(out):
+        return load_npz(out)
+    rec = hessian_record
+    nm = normal_modes(rec["numbers"], rec["positions"], rec["hessian"])
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(st.rxn.id.encode()), zlib.crc32(point.encode())])
+    samples, e_harm = sample_normal_modes(rec["positions"], nm["modes"], nm["omega2"], nm["freq_cm"], cfg.n_nms,
+                                          cfg.temperature, rng, cfg.min_freq_cm)  # fmt: skip
+    save_npz(out, positions=samples, harmonic_energy=e_harm, freq_cm=nm["freq_cm"])
+    return load_npz(out)
+
+
+# ----------------------------------------------------------------------------- the run

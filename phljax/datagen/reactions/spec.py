@@ -1,0 +1,191 @@
+"""Reaction files and the configuration of a reaction data set."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from phljax.datagen.dft import LevelOfTheory
+
+
+class ReactionFileError(ValueError):
+    """A reaction file is malformed (names the file and frame)."""
+
+
+# ----------------------------------------------------------------------------- reactions
+
+
+@dataclasses.dataclass(frozen=True)
+class Reaction:
+    """One atom-mapped reaction.
+
+    Attributes:
+        id: name (the xyz file's stem unless the file says ``reaction=...``).
+        numbers: atomic numbers [N], the same order in every frame.
+        reactant, product: start structures [N, 3] Angstrom.
+        ts_guess: optional transition-state guess [N, 3] Angstrom (skips the NEB).
+        comment: free text (what the reaction is).
+        path: the file it came from.
+    """
+
+    id: str
+    numbers: np.ndarray
+    reactant: np.ndarray
+    product: np.ndarray
+    ts_guess: np.ndarray | None = None
+    comment: str = ""
+    path: str = ""
+
+
+def read_reaction(path: str) -> Reaction:
+    """Read a reaction from a multi-frame (extended) xyz file.
+
+    Frame 0 is the reactant, frame 1 the product and an optional frame 2 a TS guess, all with the
+    same atoms in the same order. Only neutral closed-shell reactions are supported: a comment
+    line may say ``charge=0 spin=0``; anything else is refused.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ReactionFileError: naming the file and frame, for a wrong frame count, different atoms
+            between frames, overlapping atoms, or a charge/spin other than 0.
+    """
+    from ase.io import read
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such reaction file: {path}")
+    try:
+        frames = read(path, index=":")
+    except Exception as err:  # ase raises many types for a malformed file
+        raise ReactionFileError(f"{path}: cannot read as xyz: {err}") from err
+    if len(frames) not in (2, 3):
+        raise ReactionFileError(f"{path}: expected 2 frames (reactant, product) or 3 (+ TS guess), got {len(frames)}")
+    numbers = frames[0].numbers
+    for i, f in enumerate(frames):
+        if not np.array_equal(f.numbers, numbers):
+            raise ReactionFileError(
+                f"{path}: frame {i} has atoms {f.get_chemical_formula()} in a different order or composition "
+                f"than frame 0 ({frames[0].get_chemical_formula()}); atoms must be mapped"
+            )
+        for key in ("charge", "spin"):
+            if int(f.info.get(key, 0)) != 0:
+                raise ReactionFileError(f"{path}: frame {i}: {key}={f.info[key]}; only neutral closed-shell reactions")
+        d = np.linalg.norm(f.positions[:, None] - f.positions[None], axis=-1) + 10 * np.eye(len(f))
+        if d.min() < 0.5:
+            i_, j_ = np.unravel_index(np.argmin(d), d.shape)
+            raise ReactionFileError(f"{path}: frame {i}: atoms {i_} and {j_} are {d.min():.2f} A apart")
+    if (sum(numbers) % 2) != 0:
+        raise ReactionFileError(f"{path}: odd number of electrons ({sum(numbers)}); only closed-shell reactions")
+    rid = str(frames[0].info.get("reaction", os.path.splitext(os.path.basename(path))[0]))
+    return Reaction(
+        id=rid,
+        numbers=np.asarray(numbers, dtype=int),
+        reactant=np.asarray(frames[0].positions, dtype=np.float64),
+        product=np.asarray(frames[1].positions, dtype=np.float64),
+        ts_guess=np.asarray(frames[2].positions, dtype=np.float64) if len(frames) == 3 else None,
+        comment=str(frames[0].info.get("comment", "")),
+        path=os.path.abspath(path),
+    )
+
+
+def read_reactions(paths: Sequence[str]) -> list[Reaction]:
+    """Read reaction xyz files; a ``.txt`` path lists xyz files (one per line, relative to it).
+
+    Raises:
+        ReactionFileError: also for two reactions with the same id.
+    """
+    files: list[str] = []
+    for p in paths:
+        if p.endswith(".txt"):
+            with open(p) as f:
+                base = os.path.dirname(os.path.abspath(p))
+                files += [os.path.join(base, ln.strip()) for ln in f if ln.strip() and not ln.startswith("#")]
+        else:
+            files.append(p)
+    reactions = [read_reaction(p) for p in files]
+    ids = [r.id for r in reactions]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ReactionFileError(f"reaction ids {dup} appear more than once in {files}")
+    return reactions
+
+
+@dataclasses.dataclass(frozen=True)
+class ReactionConfig:
+    """How a reaction data set is made (all of it is stored with the data).
+
+    Attributes:
+        level: level of theory of every label, optimisation, TS search and IRC.
+        guess_xc, guess_basis: the cheap level (PySCF xc name, basis; no dispersion) of the TS
+            guess: a climbing-image NEB between the reactant and product (both optimised at
+            ``level``) and a Sella saddle search at this level give the start of the saddle
+            search at ``level``. Hartree-Fock/3-21G is fast and its saddles lie close to DFT's.
+        neb_images: NEB images including the two ends.
+        neb_steps: maximum NEB optimiser steps.
+        neb_fmax: NEB convergence, eV/Angstrom.
+        ts_fmax: Sella convergence, max force eV/Angstrom.
+        ts_steps: maximum Sella steps.
+        imag_tol_cm: frequencies below -imag_tol_cm count as imaginary, cm^-1 (smaller negative
+            ones are numerical noise of the projection).
+        irc_dx: IRC step, Angstrom amu^1/2 (mass weighted).
+        irc_steps: maximum IRC steps per direction.
+        irc_fmax: IRC stops when max force falls below this, eV/Angstrom.
+        n_irc: IRC points kept and labelled per direction (evenly spaced along the path).
+        n_nms: normal-mode samples per stationary point (reactant, product, TS).
+        temperature: NMS temperature, Kelvin.
+        min_freq_cm: modes softer than this are not displaced, cm^-1.
+        labels: ``"hessian"`` (analytic) or ``"hvp"`` (K finite-difference HVPs per geometry).
+        num_probes: K, probes per geometry for ``labels="hvp"``.
+        probe_kind: ``"gaussian"`` or ``"onehot"``.
+        fd_step: finite-difference displacement for HVP labels, Angstrom.
+        endpoint_rmsd: IRC end and reactant/product are the same minimum when their bond graphs
+            agree, or (same graph for both ends, e.g. a rotamer) the end is within this RMSD,
+            Angstrom, of one and nearer to it than to the other.
+        seed: base seed of NMS displacements and probes.
+        max_asym_rel, max_sum_rule_rel: Hessian checks (relative to max |H|).
+    """
+
+    level: LevelOfTheory = LevelOfTheory()
+    guess_xc: str = "hf"
+    guess_basis: str = "3-21g"
+    neb_images: int = 7
+    neb_steps: int = 300
+    neb_fmax: float = 0.2
+    ts_fmax: float = 0.02
+    ts_steps: int = 150
+    imag_tol_cm: float = 20.0
+    irc_dx: float = 0.15
+    irc_steps: int = 40
+    irc_fmax: float = 0.1
+    n_irc: int = 8
+    n_nms: int = 20
+    temperature: float = 500.0
+    min_freq_cm: float = 50.0
+    labels: str = "hessian"
+    num_probes: int = 4
+    probe_kind: str = "gaussian"
+    fd_step: float = 5e-3
+    endpoint_rmsd: float = 0.3
+    seed: int = 0
+    max_asym_rel: float = 1e-4
+    max_sum_rule_rel: float = 1e-2
+
+    def __post_init__(self):
+        if self.labels not in ("hessian", "hvp"):
+            raise ValueError(f"labels must be 'hessian' or 'hvp', got {self.labels!r}")
+        if self.probe_kind not in ("gaussian", "onehot"):
+            raise ValueError(f"probe_kind must be 'gaussian' or 'onehot', got {self.probe_kind!r}")
+        if self.neb_images < 3:
+            raise ValueError(f"neb_images must be >= 3, got {self.neb_images}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ReactionConfig:
+        d = dict(d)
+        d["level"] = LevelOfTheory(**d["level"])
+        return cls(**d)

@@ -1,0 +1,217 @@
+"""The run: every reaction's work in order, resumable; the assembled HDF5 files and the summary."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from phljax.datagen.cache import load_json, load_npz, save_json
+from phljax.datagen.labels import to_molecules
+from phljax.datagen.reactions.labelling import (
+    STATIONARY,
+    ReactionDir,
+    data_extra,
+    hessian_record,
+    label_point,
+    nms_samples,
+    stationary_hessian,
+)
+from phljax.datagen.reactions.spec import Reaction, ReactionConfig
+from phljax.datagen.reactions.structure import irc_points, irc_stage, optimize_stage, ts_stage
+
+log = logging.getLogger("phljax.datagen")
+
+CATEGORIES = ("rtp", "irc", "nms")
+#: cache file names of labelled data geometries, per category (helper Hessians are hess_*.npz)
+_PATTERNS = {"rtp": "rtp_*.npz", "irc": "irc_*_[0-9][0-9].npz", "nms": "nms_*_[0-9][0-9][0-9].npz"}
+
+
+def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) -> Iterator[tuple[str, Any]]:
+    """The work as (description, thunk) pairs.
+
+    Order: the structure work of one reaction after another (optimise reactant and product,
+    their Hessians, TS, IRC), so each finished reaction is complete and verified early; then
+    the labels round robin over reactions (IRC point k of every reaction, then k+1; NMS sample
+    k around every stationary point, then k+1), so a partial cache covers every reaction and
+    category. A thunk whose prerequisite failed does nothing.
+    """
+    stages = [ReactionDir(cache_dir, r) for r in reactions]
+    for st in stages:
+        for role in ("reactant", "product"):
+            yield f"{st.rxn.id}: optimise {role}", lambda st=st, role=role: optimize_stage(cfg, st, role)
+        for role in ("reactant", "product"):
+
+            def run_label(st=st, role=role):
+                opt = optimize_stage(cfg, st, role)
+                if opt is not None:
+                    stationary_hessian(cfg, st, role, opt["positions"])
+
+            yield f"{st.rxn.id}: label {role}", run_label
+
+        def run_ts(st=st):
+            if all(optimize_stage(cfg, st, r) is not None for r in ("reactant", "product")):
+                ts_stage(cfg, st)
+
+        yield f"{st.rxn.id}: transition state", run_ts
+        yield f"{st.rxn.id}: IRC", lambda st=st: os.path.exists(st.path("ts.npz")) and irc_stage(cfg, st)
+    for k in range(cfg.n_irc):
+        for st in stages:
+            for direction in ("forward", "reverse"):
+
+                def run_irc_label(st=st, direction=direction, k=k):
+                    if not os.path.exists(st.path("irc.npz")):
+                        return
+                    irc = load_npz(st.path("irc.npz"))
+                    idx = irc_points(irc[direction], cfg.n_irc)
+                    if k < len(idx):
+                        extra = data_extra(st.rxn.id, "irc", f"irc_{direction}", int(idx[k]),
+                                       irc_energy_eV=float(irc[f"energies_{direction}_eV"][idx[k]]))  # fmt: skip
+                        label_point(cfg, st, f"irc_{direction}_{k + 1:02d}", irc[direction][idx[k]], extra)
+
+                yield f"{st.rxn.id}: IRC {direction} point {k + 1}", run_irc_label
+    for k in range(cfg.n_nms):
+        for st in stages:
+            for point in STATIONARY:
+
+                def run_nms(st=st, point=point, k=k):
+                    rec = hessian_record(st, point, cfg)
+                    if rec is None or (point == "ts" and not os.path.exists(st.path("irc.npz"))):
+                        return
+                    smp = nms_samples(cfg, st, point, rec)
+                    e_harm = float(smp["harmonic_energy"][k])
+                    extra = data_extra(
+                        st.rxn.id, "nms", f"nms_{point}", k + 1, harmonic_energy=e_harm, T=cfg.temperature
+                    )
+                    label_point(cfg, st, f"nms_{point}_{k + 1:03d}", smp["positions"][k], extra)
+
+                yield f"{st.rxn.id}: NMS {point} {k + 1}", run_nms
+
+
+def run(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str, progress: bool = True) -> dict:
+    """Run (or resume) the whole pipeline; returns :func:`summarize` of the cache.
+
+    The configuration is stored in ``<cache_dir>/config.json``; resuming with a different one is
+    refused (the cached results would silently mix two settings).
+
+    Raises:
+        ValueError: if ``cache_dir`` was made with another configuration.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    cfg_path = os.path.join(cache_dir, "config.json")
+    if os.path.exists(cfg_path):
+        old = ReactionConfig.from_json(load_json(cfg_path))
+        if old != cfg:
+            raise ValueError(f"{cfg_path}: the cache was made with another configuration:\n{old}\nnow:\n{cfg}")
+    else:
+        save_json(cfg_path, cfg.to_json())
+    for r in reactions:
+        save_json(os.path.join(cache_dir, f"{r.id}.reaction.json"), {"id": r.id, "comment": r.comment,
+                  "path": r.path, "numbers": r.numbers, "reactant": r.reactant, "product": r.product})  # fmt: skip
+    work = list(tasks(cfg, reactions, cache_dir))
+    log.info("run: %d reactions, %d tasks, cache %s", len(reactions), len(work), cache_dir)
+    from tqdm import tqdm
+
+    bar = tqdm(work, disable=not progress, unit="task", smoothing=0.05, dynamic_ncols=True)
+    for desc, thunk in bar:
+        bar.set_description(desc[:48])
+        thunk()
+    return summarize(cache_dir)
+
+
+def cached_records(cache_dir: str, category: str | None = None) -> list[dict[str, Any]]:
+    """Every labelled geometry of the cache (the data, not the helper Hessians), sorted by path."""
+    out = []
+    for cat in [category] if category else CATEGORIES:
+        for p in sorted(glob.glob(os.path.join(cache_dir, "*", _PATTERNS[cat]))):
+            out.append(load_npz(p))
+    return out
+
+
+def assemble(cache_dir: str, out_dir: str, prefix: str = "chon_reactions") -> dict[str, Any]:
+    """Write ``<prefix>-RTP.h5``, ``-IRC.h5`` and ``-NMS.h5`` (ANI layout, Hartree/Angstrom).
+
+    Runs on a partial cache too; returns :func:`summarize` plus the written paths.
+    """
+    from phljax.data import write_h5
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = {}
+    for cat in CATEGORIES:
+        recs = cached_records(cache_dir, cat)
+        if not recs:
+            continue
+        path = os.path.join(out_dir, f"{prefix}-{cat.upper()}.h5")
+        write_h5(path, to_molecules(recs))
+        written[cat] = path
+        log.info("assembled %d %s geometries into %s", len(recs), cat.upper(), path)
+    summary = summarize(cache_dir)
+    summary["files"] = {k: os.path.basename(v) for k, v in written.items()}
+    save_json(os.path.join(cache_dir, "summary.json"), summary)
+    return summary
+
+
+def summarize(cache_dir: str) -> dict[str, Any]:
+    """Counts per reaction and category, barriers, failures, compute time (JSON-ready).
+
+    Energies kcal/mol, times seconds, frequencies cm^-1.
+    """
+    kcal = 627.5094740631
+    per: dict[str, Any] = {}
+    wall = 0.0
+    for rx_path in sorted(glob.glob(os.path.join(cache_dir, "*.reaction.json"))):
+        rx = load_json(rx_path)
+        rid = rx["id"]
+        d = os.path.join(cache_dir, rid)
+        info: dict[str, Any] = {"comment": rx["comment"], "n_atoms": len(rx["numbers"])}
+        for cat in CATEGORIES:
+            info[f"n_{cat}"] = 0
+        for rec in cached_records_of(d):
+            info[f"n_{str(rec['category'])}"] += 1
+            wall += float(rec["wall_total"])
+        helper = [load_npz(p) for p in glob.glob(os.path.join(d, "hess_*.npz"))]
+        wall += sum(float(h["wall_total"]) for h in helper)
+        for name in ("reactant_opt", "product_opt", "ts", "irc"):
+            p = os.path.join(d, name + ".npz")
+            if os.path.exists(p):
+                wall += float(load_npz(p)["wall"])  # the TS's includes its NEB
+        ts_p = os.path.join(d, "ts.npz")
+        if os.path.exists(ts_p):
+            ts = load_npz(ts_p)
+            info["imaginary_cm"] = round(float(ts["imaginary_cm"]), 1)
+            r_p = os.path.join(d, "reactant_opt.npz")
+            p_p = os.path.join(d, "product_opt.npz")
+            info["barrier_kcal"] = round((float(ts["energy"]) - float(load_npz(r_p)["energy"])) * kcal, 2)
+            info["reaction_energy_kcal"] = round(
+                (float(load_npz(p_p)["energy"]) - float(load_npz(r_p)["energy"])) * kcal, 2
+            )
+        fails = [load_json(p) for p in sorted(glob.glob(os.path.join(d, "*.failed.json")))]
+        rejected = [load_json(p) for p in sorted(glob.glob(os.path.join(d, "*.rejected.json")))]
+        info["failures"] = [f"{f['stage']}: {f['reason']}" for f in fails]
+        info["rejected"] = [f"{r['where']}: {r['reason']}" for r in rejected]
+        fd = [float(load_npz(p)["fd_rel_error"]) for p in glob.glob(os.path.join(d, "rtp_*.npz"))
+              if "fd_rel_error" in np.load(p).files]  # fmt: skip
+        if fd:
+            info["fd_rel_error_max"] = max(fd)
+        per[rid] = info
+    totals = {f"n_{c}": sum(v[f"n_{c}"] for v in per.values()) for c in CATEGORIES}
+    cfg_path = os.path.join(cache_dir, "config.json")
+    return {
+        "reactions": per,
+        **totals,
+        "n_geometries": sum(totals.values()),
+        "n_failed_reactions": sum(bool(v["failures"]) for v in per.values()),
+        "compute_s": wall,
+        "config": load_json(cfg_path) if os.path.exists(cfg_path) else None,
+    }
+
+
+def cached_records_of(reaction_dir: str) -> Iterator[dict[str, Any]]:
+    """The labelled data geometries of one reaction's cache directory."""
+    for pat in _PATTERNS.values():
+        for p in sorted(glob.glob(os.path.join(reaction_dir, pat))):
+            yield load_npz(p)
