@@ -232,18 +232,13 @@ def main(argv=None) -> None:
         print(json.dumps(out))
         return
 
-    bench = argparse.Namespace(
+    bench = training_cost.default_args(
         batch_size=args.batch_size,
-        large=10**9,
+        large=10**9,  # the same batch at every size, as MACE gets
         repeats=args.repeats,
         time_budget=args.time_budget,
-        channels=16,
-        lmax=2,
-        num_layers=2,
         mem_limit_gb=args.mem_limit_gb,
         hessian_chunks=args.hessian_chunks,
-        compile_only=False,
-        remat="none",
         timeout=args.timeout,
     )
     records = []

@@ -386,7 +386,7 @@ def plot(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--atoms", type=int, nargs="+", default=[5, 14, 30, 60, 120, 250])
     p.add_argument("--schemes", nargs="+", default=[s[0] for s in SCHEMES], help="labels to run")
@@ -411,6 +411,21 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     p.add_argument("--from-json", nargs="+", metavar="FILE", help="merge these results (no measuring): table, plot")
     p.add_argument("--worker", nargs=3, metavar=("PROBE", "K", "N"), help=argparse.SUPPRESS)
+    return p
+
+
+def default_args(**overrides) -> argparse.Namespace:
+    """The command line's defaults with `overrides` (flag names with underscores), for other
+    benchmarks that call `run_one`; an unknown name is an error."""
+    args = build_parser().parse_args([])
+    unknown = set(overrides) - set(vars(args))
+    if unknown:
+        raise TypeError(f"training_cost has no options {sorted(unknown)}")
+    return argparse.Namespace(**{**vars(args), **overrides})
+
+
+def main(argv=None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     unknown = set(args.schemes) - {s[0] for s in SCHEMES}
     if unknown:

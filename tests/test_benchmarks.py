@@ -50,3 +50,13 @@ def test_tables_report_ratios_and_failures():
     assert "| 14 | 42 | 100.0 | 50.0 | 100.0 |" in tc.column_table(records)  # (4.3 - 0.1) / 42 s per column
     rates = tc.throughput_table(records)  # molecules per second: batch 8 / step time
     assert "| 14 | 80.0 | 53.3 | 16.0 | 1.9 |" in rates and "| 500 |  |  |  | failed |" in rates
+
+
+def test_default_args_are_the_command_lines_defaults():
+    """peer_mace runs training_cost's workers with these; a misspelt option must not pass silently."""
+    tc = _load("training_cost")
+    args = tc.default_args(large=10**9, timeout=5.0)
+    assert (args.large, args.timeout, args.remat, args.compile_only) == (10**9, 5.0, "none", False)
+    assert vars(args).keys() == vars(tc.build_parser().parse_args([])).keys()
+    with pytest.raises(TypeError, match="hesian_chunks"):
+        tc.default_args(hesian_chunks=[0])
