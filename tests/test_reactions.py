@@ -8,6 +8,7 @@ agree with analytic Hessian-vector products; bad reaction files and failed SCFs 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -256,3 +257,19 @@ def test_hvp_mode_stationary_point_is_validated(tmp_path):
     assert str(data["category"]) == "rtp" and str(data["point"]) == "reactant"
     (rec,) = list(reactions.cached_records_of(st.dir))
     assert str(rec["labels"]) == "hvp"
+
+
+def test_label_rounds_cover_every_category(tmp_path):
+    """After the structure work, round k labels IRC point k and NMS sample k of every reaction, so
+    a run stopped early has all three categories (the order only; nothing is computed here)."""
+    rx = reactions.read_reaction(HCN)
+    other = dataclasses.replace(rx, id="hcn_hnc_copy")
+    names = [desc for desc, _ in reactions.tasks(CFG, [rx, other], str(tmp_path))]
+    structure_work = 2 * 6  # optimise and label reactant and product, TS, IRC
+    first_round = names[structure_work : structure_work + 2 * 5]
+    assert first_round[:5] == [
+        "hcn_hnc: IRC forward point 1", "hcn_hnc: IRC reverse point 1",
+        "hcn_hnc: NMS reactant 1", "hcn_hnc: NMS product 1", "hcn_hnc: NMS ts 1",
+    ]  # fmt: skip
+    assert first_round[5].startswith("hcn_hnc_copy: IRC forward point 1")
+    assert len(names) == structure_work + 2 * (2 * CFG.n_irc + 3 * CFG.n_nms)

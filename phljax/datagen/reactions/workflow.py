@@ -36,9 +36,9 @@ def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) ->
 
     Order: the structure work of one reaction after another (optimise reactant and product,
     their Hessians, TS, IRC), so each finished reaction is complete and verified early; then
-    the labels round robin over reactions (IRC point k of every reaction, then k+1; NMS sample
-    k around every stationary point, then k+1), so a partial cache covers every reaction and
-    category. A thunk whose prerequisite failed does nothing.
+    the labels in rounds: round k labels, for every reaction, IRC point k of both branches and
+    NMS sample k around reactant, product and TS, so a partial cache covers every reaction and
+    every category. A thunk whose prerequisite failed does nothing.
     """
     stages = [ReactionDir(cache_dir, r) for r in reactions]
     for st in stages:
@@ -59,37 +59,45 @@ def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) ->
 
         yield f"{st.rxn.id}: transition state", run_ts
         yield f"{st.rxn.id}: IRC", lambda st=st: os.path.exists(st.path("ts.npz")) and irc_stage(cfg, st)
-    for k in range(cfg.n_irc):
+    for k in range(max(cfg.n_irc, cfg.n_nms)):
         for st in stages:
-            for direction in ("forward", "reverse"):
+            if k < cfg.n_irc:
+                for direction in ("forward", "reverse"):
+                    yield f"{st.rxn.id}: IRC {direction} point {k + 1}", _irc_label(cfg, st, direction, k)
+            if k < cfg.n_nms:
+                for point in STATIONARY:
+                    yield f"{st.rxn.id}: NMS {point} {k + 1}", _nms_label(cfg, st, point, k)
 
-                def run_irc_label(st=st, direction=direction, k=k):
-                    if not os.path.exists(st.path("irc.npz")):
-                        return
-                    irc = load_npz(st.path("irc.npz"))
-                    idx = irc_points(irc[direction], cfg.n_irc)
-                    if k < len(idx):
-                        extra = data_extra(st.rxn.id, "irc", f"irc_{direction}", int(idx[k]),
-                                       irc_energy_eV=float(irc[f"energies_{direction}_eV"][idx[k]]))  # fmt: skip
-                        label_point(cfg, st, f"irc_{direction}_{k + 1:02d}", irc[direction][idx[k]], extra)
 
-                yield f"{st.rxn.id}: IRC {direction} point {k + 1}", run_irc_label
-    for k in range(cfg.n_nms):
-        for st in stages:
-            for point in STATIONARY:
+def _irc_label(cfg: ReactionConfig, st: ReactionDir, direction: str, k: int):
+    """Task: label the k-th of the points spread along an IRC branch (nothing without an IRC)."""
 
-                def run_nms(st=st, point=point, k=k):
-                    rec = hessian_record(st, point, cfg)
-                    if rec is None or (point == "ts" and not os.path.exists(st.path("irc.npz"))):
-                        return
-                    smp = nms_samples(cfg, st, point, rec)
-                    e_harm = float(smp["harmonic_energy"][k])
-                    extra = data_extra(
-                        st.rxn.id, "nms", f"nms_{point}", k + 1, harmonic_energy=e_harm, T=cfg.temperature
-                    )
-                    label_point(cfg, st, f"nms_{point}_{k + 1:03d}", smp["positions"][k], extra)
+    def label():
+        if not os.path.exists(st.path("irc.npz")):
+            return
+        irc = load_npz(st.path("irc.npz"))
+        idx = irc_points(irc[direction], cfg.n_irc)
+        if k < len(idx):
+            extra = data_extra(st.rxn.id, "irc", f"irc_{direction}", int(idx[k]),
+                               irc_energy_eV=float(irc[f"energies_{direction}_eV"][idx[k]]))  # fmt: skip
+            label_point(cfg, st, f"irc_{direction}_{k + 1:02d}", irc[direction][idx[k]], extra)
 
-                yield f"{st.rxn.id}: NMS {point} {k + 1}", run_nms
+    return label
+
+
+def _nms_label(cfg: ReactionConfig, st: ReactionDir, point: str, k: int):
+    """Task: label normal-mode sample k around a stationary point (a TS only once its IRC connects)."""
+
+    def label():
+        rec = hessian_record(st, point, cfg)
+        if rec is None or (point == "ts" and not os.path.exists(st.path("irc.npz"))):
+            return
+        smp = nms_samples(cfg, st, point, rec)
+        extra = data_extra(st.rxn.id, "nms", f"nms_{point}", k + 1,
+                           harmonic_energy=float(smp["harmonic_energy"][k]), T=cfg.temperature)  # fmt: skip
+        label_point(cfg, st, f"nms_{point}_{k + 1:03d}", smp["positions"][k], extra)
+
+    return label
 
 
 def run(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str, progress: bool = True) -> dict:
