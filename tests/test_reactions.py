@@ -60,6 +60,9 @@ def test_pipeline_end_to_end(cache):
     assert (info["n_rtp"], info["n_irc"], info["n_nms"]) == (3, 2 * CFG.n_irc, 3 * CFG.n_nms)
     ts = np.load(os.path.join(d, "hcn_hnc", "ts.npz"))
     assert reactions.count_imaginary(ts["freq_cm"], CFG.imag_tol_cm) == 1
+    irc = np.load(os.path.join(d, "hcn_hnc", "irc.npz"))
+    # each branch ends once at its minimum (forces below irc_fmax), not after irc_steps steps
+    assert 3 <= len(irc["forward"]) <= CFG.irc_steps and 3 <= len(irc["reverse"]) <= CFG.irc_steps
     assert ts["imaginary_cm"] < -500  # a real bond-breaking saddle, not a soft mode
     barrier = info["barrier_kcal"]
     assert 20 < barrier < 100, barrier  # HCN -> HNC at HF/STO-3G: a few tens of kcal/mol

@@ -190,6 +190,10 @@ def _sella_saddle(
     return atoms.positions.copy(), info
 
 
+class _BranchAtMinimum(Exception):
+    """An IRC branch reached its minimum: max force below ``irc_fmax`` (ends the branch)."""
+
+
 def irc_stage(cfg: ReactionConfig, st: ReactionDir) -> dict | None:
     """Sella IRC both ways from the TS, ends relaxed and matched to reactant and product."""
     done = st.path("irc.npz")
@@ -216,8 +220,14 @@ def irc_stage(cfg: ReactionConfig, st: ReactionDir) -> dict | None:
     current = {"dir": "forward"}
 
     def record():
-        paths[current["dir"]].append(atoms.positions.copy())
+        branch = paths[current["dir"]]
+        branch.append(atoms.positions.copy())
         energies[current["dir"]].append(atoms.get_potential_energy())
+        # Sella's own test also wants a positive lowest eigenvalue of its updated Hessian, which
+        # still carries the TS's negative one at the minimum, so a branch would otherwise idle
+        # there until irc_steps. Point 0 is the TS itself (small forces too): need two steps.
+        if len(branch) >= 3 and np.linalg.norm(atoms.get_forces(), axis=1).max() < cfg.irc_fmax:
+            raise _BranchAtMinimum
 
     from sella.optimize.irc import IRCInnerLoopConvergenceFailure
 
@@ -230,6 +240,8 @@ def irc_stage(cfg: ReactionConfig, st: ReactionDir) -> dict | None:
                 current["dir"] = direction
                 try:
                     irc.run(fmax=cfg.irc_fmax, steps=cfg.irc_steps, direction=direction)
+                except _BranchAtMinimum:
+                    pass
                 except IRCInnerLoopConvergenceFailure:
                     # The branch ends at its last good point; relaxing that end decides whether it connects.
                     stopped[direction] = len(paths[direction])
