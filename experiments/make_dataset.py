@@ -6,6 +6,7 @@
     python experiments/make_dataset.py --reactions data/reactions/hcn_hnc.xyz --out runs/hcn --cache runs/hcn/cache
     # Hessian-free labels: 4 Gaussian probes and finite-difference HVPs per geometry
     python experiments/make_dataset.py --labels hvp --num-probes 4 --out runs/hvp --cache runs/hvp/cache
+    # stop a running job after the task in flight (nothing lost): touch <cache>/STOP
     # write the HDF5 files and data card from what the cache holds now (partial is fine):
     python experiments/make_dataset.py --assemble
 

@@ -276,3 +276,13 @@ def test_label_rounds_cover_every_category(tmp_path):
     ]  # fmt: skip
     assert first_round[5].startswith("hcn_hnc_copy: IRC forward point 1")
     assert len(names) == structure_work + 2 * (2 * CFG.n_irc + 3 * CFG.n_nms)
+
+
+def test_stop_file_ends_the_run_before_the_next_task(tmp_path):
+    """`touch <cache>/STOP` stops a long run cleanly: no task starts, the file is consumed."""
+    d = str(tmp_path / "cache")
+    os.makedirs(d)
+    open(os.path.join(d, "STOP"), "w").close()
+    summary = reactions.run(CFG, reactions.read_reactions([HCN]), d, progress=False)
+    assert summary["n_geometries"] == 0 and not os.path.exists(os.path.join(d, "STOP"))
+    assert os.listdir(os.path.join(d, "hcn_hnc")) == []

@@ -106,6 +106,9 @@ def run(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str, prog
     The configuration is stored in ``<cache_dir>/config.json``; resuming with a different one is
     refused (the cached results would silently mix two settings).
 
+    To stop a long run without losing the calculation in flight, create ``<cache_dir>/STOP``:
+    the run ends after the current task (and removes the file). Killing it loses only that task.
+
     Raises:
         ValueError: if ``cache_dir`` was made with another configuration.
     """
@@ -125,7 +128,12 @@ def run(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str, prog
     from tqdm import tqdm
 
     bar = tqdm(work, disable=not progress, unit="task", smoothing=0.05, dynamic_ncols=True)
+    stop = os.path.join(cache_dir, "STOP")
     for desc, thunk in bar:
+        if os.path.exists(stop):
+            os.remove(stop)
+            log.info("run: %s found, stopping before %r", stop, desc)
+            break
         bar.set_description(desc[:48])
         thunk()
     return summarize(cache_dir)
