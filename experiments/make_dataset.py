@@ -31,6 +31,7 @@ from phljax.datagen.dft import LevelOfTheory  # noqa: E402
 from phljax.datagen.pipeline import setup_logging  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, "data", "dft_cache")
 
 
 def main(argv=None) -> dict:
@@ -57,6 +58,9 @@ def main(argv=None) -> dict:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--label-cost", default=os.path.join(ROOT, "data/dft_cache/label_cost.json"),
                    help="measured labelling costs for the data card (from experiments/label_cost.py)")  # fmt: skip
+    p.add_argument("--checks", nargs=2, metavar=("SCAN", "GRADIENTS"),
+                   default=[os.path.join(CACHE, f) for f in ("fd_step_scan.json", "gradient_check.json")],
+                   help="outputs of experiments/check_derivatives.py for the data card")  # fmt: skip
     args = p.parse_args(argv)
 
     setup_logging(args.cache)
@@ -80,7 +84,9 @@ def main(argv=None) -> dict:
 
     with open(os.path.join(args.out, f"{args.prefix}.DATA_CARD.md"), "w") as f:
         cost = json.load(open(args.label_cost)) if os.path.exists(args.label_cost) else None
-        f.write(render_reaction_card(summary, args.prefix, cost))
+        named = zip(("scans", "gradients"), args.checks, strict=True)
+        checks = {k: json.load(open(p)) for k, p in named if os.path.exists(p)}
+        f.write(render_reaction_card(summary, args.prefix, cost, checks))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1, default=str))
     return summary
 

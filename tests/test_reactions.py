@@ -154,7 +154,14 @@ def test_hdf5_round_trip(cache, tmp_path):
     np.testing.assert_allclose(ts.energy, float(rec["energy"]) * ha, rtol=1e-12)
     np.testing.assert_allclose(ts.forces, -rec["gradient"] * ha / bohr, rtol=1e-10, atol=1e-12)
     card = render_reaction_card(out, "tiny")
-    assert "hcn_hnc" in card and "PARTIAL" in card
+    assert "hcn_hnc" in card and "PARTIAL" in card and "grid_response" not in card
+    scan = {"command": "scan", "scans": [{"name": "H2O", "grid_level": 5, "num_probes": 2, "steps_A": [1e-3, 5e-3],
+                                          "fd_rel_error": [5.6e-4, 5.3e-4]}]}  # fmt: skip
+    grads = {"command": "grads", "gradients": [{"name": "H2O", "xc": "b3lyp", "grid_level": 5, "max_abs_gradient": 0.01,
+             "error_default": 1.3e-5, "error_grid_response": 1.8e-6, "sum_of_gradients_default": 2e-6}]}  # fmt: skip
+    card = render_reaction_card(out, "tiny", checks={"scans": scan, "gradients": grads})
+    assert "| H2O | 5 | 5.6e-04 | 5.3e-04 |" in card and "| H2O | b3lyp | 5 | 1.0e-02 | 1.3e-05 | 1.8e-06 |" in card
+    assert "grid_response" in card
 
 
 def test_fd_hvp_matches_analytic_hessian():
