@@ -23,7 +23,7 @@ if importlib.util.find_spec("sella") is None:
 from phljax.data import read_h5  # noqa: E402
 from phljax.datagen import dft, labels, reactions  # noqa: E402
 from phljax.datagen.card import render_reaction_card  # noqa: E402
-from phljax.datagen.reactions import structure  # noqa: E402
+from phljax.datagen.reactions import structure, workflow  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HCN = os.path.join(ROOT, "data", "reactions", "hcn_hnc.xyz")
@@ -86,6 +86,30 @@ def test_ts_verification_rejects_a_minimum(cache):
         reactions.verify_ts(r["numbers"], r["positions"], r["hessian"])
     t = np.load(os.path.join(d, "hcn_hnc", "rtp_ts.npz"))
     assert reactions.verify_ts(t["numbers"], t["positions"], t["hessian"])["n_imaginary"] == 1
+
+
+def test_a_saddle_optimised_as_a_reactant_is_refused(cache, tmp_path):
+    """An optimiser kept in a symmetric start can stop on a saddle (it happened: a twisted vinyl
+    alcohol). Its Hessian catches it: failure recorded, its label out of the data, no TS search."""
+    d, _ = cache
+    t = dict(np.load(os.path.join(d, "hcn_hnc", "rtp_ts.npz")))
+    with pytest.raises(reactions.NotAMinimumError, match="1 imaginary"):
+        reactions.verify_minimum(t["numbers"], t["positions"], t["hessian"])
+    st = reactions.ReactionDir(str(tmp_path), reactions.read_reaction(HCN))
+    np.savez(st.path("rtp_reactant.npz"), **{**t, "point": "reactant"})  # the saddle, labelled as the reactant
+    assert not workflow.check_minimum(CFG, st, "reactant", t)
+    assert sorted(os.listdir(st.dir)) == ["reactant_minimum.failed.json", "reactant_not_minimum_rtp.npz"]
+    assert "1 imaginary" in st.failed("reactant_minimum")["reason"]
+    r = dict(np.load(os.path.join(d, "hcn_hnc", "rtp_reactant.npz")))
+    assert workflow.check_minimum(CFG, st, "product", r)  # a true minimum passes
+
+
+def test_a_changed_reaction_file_does_not_reuse_its_cache(cache, tmp_path):
+    d, _ = cache
+    moved = dataclasses.replace(reactions.read_reaction(HCN), reactant=reactions.read_reaction(HCN).reactant + 0.05)
+    st = reactions.ReactionDir(d, moved)
+    with pytest.raises(ValueError, match="reaction file changed"):
+        reactions.optimize_stage(CFG, st, "reactant")
 
 
 def test_resume_recomputes_nothing(cache, monkeypatch):

@@ -43,11 +43,13 @@ References:
 """
 
 from phljax.datagen.reactions.checks import (
+    NotAMinimumError,
     TSVerificationError,
     aligned_rmsd,
     bond_graph,
     count_imaginary,
     match_endpoint,
+    verify_minimum,
     verify_ts,
 )
 from phljax.datagen.reactions.labelling import (
@@ -85,6 +87,7 @@ __all__ = [
     "ReactionConfig",
     "ReactionDir",
     "ReactionFileError",
+    "NotAMinimumError",
     "TSVerificationError",
     "aligned_rmsd",
     "assemble",
@@ -107,5 +110,6 @@ __all__ = [
     "summarize",
     "tasks",
     "ts_stage",
+    "verify_minimum",
     "verify_ts",
 ]

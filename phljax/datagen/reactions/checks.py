@@ -39,6 +39,37 @@ def count_imaginary(freq_cm: np.ndarray, tol_cm: float = 20.0) -> int:
     return int(np.sum(np.asarray(freq_cm) < -tol_cm))
 
 
+class NotAMinimumError(ValueError):
+    """An optimised reactant or product has an imaginary frequency (it is a saddle point)."""
+
+
+def verify_minimum(
+    numbers: np.ndarray,  # [N]
+    positions: np.ndarray,  # [N, 3] Angstrom
+    hessian: np.ndarray,  # [N, 3, N, 3] Hartree/Bohr^2
+    tol_cm: float = 20.0,
+) -> dict[str, Any]:
+    """Check a minimum: no imaginary frequency after projecting out translations and rotations.
+
+    A geometry optimiser started in a symmetric structure keeps its symmetry and can stop on a
+    saddle point of higher symmetry (a planar or twisted structure); only the Hessian tells.
+
+    Returns:
+        ``{"freq_cm": [M] cm^-1, "lowest_cm": the lowest frequency}``.
+
+    Raises:
+        NotAMinimumError: with the imaginary frequencies, if there is any.
+    """
+    freq = normal_modes(numbers, positions, hessian)["freq_cm"]
+    n_imag = count_imaginary(freq, tol_cm)
+    if n_imag:
+        raise NotAMinimumError(
+            f"not a minimum: {n_imag} imaginary frequencies (below -{tol_cm:g} cm^-1): "
+            f"{np.round(np.sort(freq)[:n_imag], 1).tolist()} cm^-1"
+        )
+    return {"freq_cm": freq, "lowest_cm": float(freq.min())}
+
+
 def verify_ts(
     numbers: np.ndarray,  # [N]
     positions: np.ndarray,  # [N, 3] Angstrom

@@ -72,11 +72,17 @@ def _atoms(numbers: np.ndarray, positions: np.ndarray):
 def optimize_stage(cfg: ReactionConfig, st: ReactionDir, role: str) -> dict | None:
     """geomeTRIC minimum of the reactant or product -> ``<role>_opt.npz`` (None if it failed)."""
     out = st.path(f"{role}_opt.npz")
+    start = getattr(st.rxn, role)
     if os.path.exists(out):
-        return load_npz(out)
+        cached = load_npz(out)
+        if not np.allclose(cached["start_positions"], start, atol=1e-6):
+            raise ValueError(
+                f"{st.rxn.path}: the {role} is not the one {out} was optimised from; the reaction file changed "
+                f"after its cache was made. Move {st.dir} away to recompute this reaction."
+            )
+        return cached
     if st.failed(f"{role}_opt"):
         return None
-    start = getattr(st.rxn, role)
     log.info("optimise %s %s (%d atoms)", st.rxn.id, role, len(start))
     try:
         res = optimize_geometry(st.rxn.numbers, start, cfg.level)

@@ -12,6 +12,7 @@ import numpy as np
 
 from phljax.datagen.cache import load_json, load_npz, save_json
 from phljax.datagen.labels import to_molecules
+from phljax.datagen.reactions.checks import NotAMinimumError, verify_minimum
 from phljax.datagen.reactions.labelling import (
     STATIONARY,
     ReactionDir,
@@ -48,13 +49,19 @@ def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) ->
 
             def run_label(st=st, role=role):
                 opt = optimize_stage(cfg, st, role)
-                if opt is not None:
-                    stationary_hessian(cfg, st, role, opt["positions"])
+                if opt is None or st.failed(f"{role}_minimum"):  # a saddle's labels are not redone
+                    return
+                rec = stationary_hessian(cfg, st, role, opt["positions"])
+                if rec is not None:
+                    check_minimum(cfg, st, role, rec)
 
             yield f"{st.rxn.id}: label {role}", run_label
 
         def run_ts(st=st):
-            if all(optimize_stage(cfg, st, r) is not None for r in ("reactant", "product")):
+            if all(
+                optimize_stage(cfg, st, r) is not None and not st.failed(f"{r}_minimum")
+                for r in ("reactant", "product")
+            ):
                 ts_stage(cfg, st)
 
         yield f"{st.rxn.id}: transition state", run_ts
@@ -67,6 +74,23 @@ def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) ->
             if k < cfg.n_nms:
                 for point in STATIONARY:
                     yield f"{st.rxn.id}: NMS {point} {k + 1}", _nms_label(cfg, st, point, k)
+
+
+def check_minimum(cfg: ReactionConfig, st: ReactionDir, role: str, rec: dict) -> bool:
+    """Verify that the optimised reactant or product is a minimum (its Hessian in ``rec``).
+
+    If it is not, the failure is recorded (``<role>_minimum.failed.json``), its labels are moved
+    out of the data (to ``<role>_not_minimum_{rtp,hess}.npz``) and the reaction's TS is not searched.
+    """
+    try:
+        verify_minimum(rec["numbers"], rec["positions"], rec["hessian"], cfg.imag_tol_cm)
+    except NotAMinimumError as err:
+        st.fail(f"{role}_minimum", err)
+        for kind in ("rtp", "hess"):
+            if os.path.exists(st.path(f"{kind}_{role}.npz")):
+                os.replace(st.path(f"{kind}_{role}.npz"), st.path(f"{role}_not_minimum_{kind}.npz"))
+        return False
+    return True
 
 
 def _irc_label(cfg: ReactionConfig, st: ReactionDir, direction: str, k: int):
