@@ -317,3 +317,26 @@ def test_stop_file_ends_the_run_before_the_next_task(tmp_path):
     summary = reactions.run(CFG, reactions.read_reactions([HCN]), d, progress=False)
     assert summary["n_geometries"] == 0 and not os.path.exists(os.path.join(d, "STOP"))
     assert os.listdir(os.path.join(d, "hcn_hnc")) == []
+
+
+def test_bundled_reaction_data_reads_with_its_categories():
+    """The shipped RTP/IRC/NMS files (partial while the DFT job runs) read through phljax's reader,
+    each geometry carrying its file's category, a known reaction and a finite Hessian."""
+    import glob
+
+    from phljax.data import bundled_path
+
+    xyz = glob.glob(os.path.join(ROOT, "data", "reactions", "*.xyz"))
+    known = {os.path.splitext(os.path.basename(p))[0] for p in xyz}
+    for cat in ("RTP", "IRC", "NMS"):
+        try:
+            path = bundled_path(f"chon_reactions-{cat}.h5")
+        except FileNotFoundError:
+            assert cat != "RTP"  # RTP comes first; the others once the label rounds have begun
+            continue
+        mols = read_h5(path)
+        assert mols, path
+        for m in mols:
+            assert m.meta["category"] == cat.lower() and m.meta["reaction"] in known
+            n = m.n_atoms
+            assert m.hessian.shape == (n, 3, n, 3) and np.isfinite(m.hessian).all()
