@@ -179,6 +179,9 @@ def test_hdf5_round_trip(cache, tmp_path):
     np.testing.assert_allclose(ts.forces, -rec["gradient"] * ha / bohr, rtol=1e-10, atol=1e-12)
     card = render_reaction_card(out, "tiny")
     assert "hcn_hnc" in card and "PARTIAL" in card and "grid_response" not in card
+    import pyscf
+
+    assert f"PySCF {pyscf.__version__}, libxc " in card  # the versions that made the labels
     scan = {"command": "scan", "scans": [{"name": "H2O", "grid_level": 5, "num_probes": 2, "steps_A": [1e-3, 5e-3],
                                           "fd_rel_error": [5.6e-4, 5.3e-4]}]}  # fmt: skip
     grads = {"command": "grads", "gradients": [{"name": "H2O", "xc": "b3lyp", "grid_level": 5, "max_abs_gradient": 0.01,

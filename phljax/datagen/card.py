@@ -226,6 +226,7 @@ def render_reaction_card(
     atoms = sorted({r["n_atoms"] for r in rxns.values()})
     size = f"{atoms[0]}-{atoms[-1]}" if atoms else "0"
     d_shell = "Cartesian" if level.get("cart") else "spherical"
+    programs = "; ".join(summary.get("programs") or ["PySCF"])
     disp_word = "" if level.get("dispersion", True) else " NOT"
     n_rej = sum(len(r["rejected"]) for r in rxns.values())
     labels = cfg.get("labels", "hessian")
@@ -321,7 +322,7 @@ frequency of the verified TS in cm^-1 (negative = imaginary).
 
 ## Level of theory and what the labels contain
 
-- PySCF {level.get("pyscf_version", "")}, restricted Kohn-Sham, libxc functional `{level.get("xc")}`
+- {programs}: restricted Kohn-Sham, libxc functional `{level.get("xc")}`
   (the exchange-correlation part of omegaB97X-D; PySCF refuses the alias `wb97x-d`), basis
   `{level.get("basis")}` (6-31G(d), {d_shell} d), integration grid level {level.get("grid_level")},
   SCF conv_tol {level.get("conv_tol")} Hartree, CPSCF tolerance {level.get("conv_tol_cpscf")}.

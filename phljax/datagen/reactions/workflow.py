@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -203,6 +204,7 @@ def summarize(cache_dir: str) -> dict[str, Any]:
     kcal = 627.5094740631
     per: dict[str, Any] = {}
     wall = 0.0
+    programs: set[str] = set()  # the program versions that made the labels, from each label's record
     for rx_path in sorted(glob.glob(os.path.join(cache_dir, "*.reaction.json"))):
         rx = load_json(rx_path)
         rid = rx["id"]
@@ -213,6 +215,7 @@ def summarize(cache_dir: str) -> dict[str, Any]:
         for rec in cached_records_of(d):
             info[f"n_{str(rec['category'])}"] += 1
             wall += float(rec["wall_total"])
+            programs.add(_programs(json.loads(str(rec["level"]))))
         helper = [load_npz(p) for p in glob.glob(os.path.join(d, "hess_*.npz"))]
         wall += sum(float(h["wall_total"]) for h in helper)
         for name in ("reactant_opt", "product_opt", "ts", "irc"):
@@ -246,8 +249,15 @@ def summarize(cache_dir: str) -> dict[str, Any]:
         "n_geometries": sum(totals.values()),
         "n_failed_reactions": sum(bool(v["failures"]) for v in per.values()),
         "compute_s": wall,
+        "programs": sorted(programs),
         "config": load_json(cfg_path) if os.path.exists(cfg_path) else None,
     }
+
+
+def _programs(level: dict[str, Any]) -> str:
+    """'PySCF 2.14.0, libxc 7.0.0' from a label's recorded level of theory."""
+    names = (("pyscf_version", "PySCF"), ("libxc_version", "libxc"), ("geometric_version", "geomeTRIC"))
+    return ", ".join(f"{name} {level[k]}" for k, name in names if k in level)
 
 
 def cached_records_of(reaction_dir: str) -> Iterator[dict[str, Any]]:
