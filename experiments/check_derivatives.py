@@ -28,30 +28,22 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from phljax.datagen.dft import LevelOfTheory, build_mol, fd_hvp, label_geometry, run_scf  # noqa: E402
+from phljax.datagen.dft import LevelOfTheory, build_mol, fd_hvp, fd_hvp_error, label_geometry, run_scf  # noqa: E402
 from phljax.datagen.dispersion import BOHR_ANGSTROM  # noqa: E402
 from phljax.datagen.labels import make_probes  # noqa: E402
-
-
-def distorted(name: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
-    """(numbers [N], positions [N, 3] Angstrom, rng): a g2 molecule 0.03 A off its minimum."""
-    from ase.build import molecule
-
-    atoms = molecule(name)
-    rng = np.random.default_rng(seed)
-    return atoms.numbers, atoms.positions + rng.normal(0.0, 0.03, atoms.positions.shape), rng
+from phljax.datagen.sampling import distorted_g2  # noqa: E402
 
 
 def step_scan(name: str, level: LevelOfTheory, num_probes: int, steps: list[float], seed: int) -> dict:
     """max|H v - FD| / max|H v| for each step h (Angstrom), against one analytic Hessian."""
-    numbers, pos, rng = distorted(name, seed)
+    rng = np.random.default_rng(seed)
+    numbers, pos = distorted_g2(name, rng)
     ref = label_geometry(numbers, pos, level)
     probes = make_probes("gaussian", num_probes, len(numbers), rng)
-    exact = np.einsum("iajb,kjb->kia", ref["hessian"], probes)
     errors = []
     for h in steps:
         fd = fd_hvp(numbers, pos, probes, level, h)["hvps"]
-        errors.append(float(np.abs(fd - exact).max() / np.abs(exact).max()))
+        errors.append(fd_hvp_error(ref["hessian"], probes, fd))
         print(f"{name} grid {level.grid_level} h = {h:.0e} A: FD HVP error {errors[-1]:.2e}", flush=True)
     return {"name": name, "n_atoms": len(numbers), "grid_level": level.grid_level, "num_probes": num_probes,
             "steps_A": list(steps), "fd_rel_error": errors}  # fmt: skip
@@ -60,7 +52,7 @@ def step_scan(name: str, level: LevelOfTheory, num_probes: int, steps: list[floa
 def gradient_check(name: str, level: LevelOfTheory, seed: int, step: float = 2e-3) -> dict:
     """Analytic DFT gradient (PySCF default, and with grid response) against central differences
     of the energy along every Cartesian coordinate (step Angstrom); max abs errors, Hartree/Bohr."""
-    numbers, pos, _ = distorted(name, seed)
+    numbers, pos = distorted_g2(name, np.random.default_rng(seed))
     mf = run_scf(build_mol(numbers, pos, level), level)
     dm = mf.make_rdm1()
     g_default = np.asarray(mf.nuc_grad_method().kernel())

@@ -23,33 +23,30 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from phljax.datagen.dft import LevelOfTheory, fd_hvp, label_geometry  # noqa: E402
+from phljax.datagen.dft import LevelOfTheory, fd_hvp, fd_hvp_error, label_geometry  # noqa: E402
 from phljax.datagen.labels import make_probes  # noqa: E402
+from phljax.datagen.sampling import distorted_g2  # noqa: E402
 
 DEFAULT = ["H2O", "H2CO", "HCOOH", "CH3OH", "CH3CHO", "CH3CH2OH", "C6H6"]
 
 
 def measure(name: str, level: LevelOfTheory, num_probes: int, step: float, seed: int) -> dict:
-    from ase.build import molecule
-
-    atoms = molecule(name)
     rng = np.random.default_rng(seed)
-    pos = atoms.positions + rng.normal(0.0, 0.03, atoms.positions.shape)  # off the minimum, Angstrom
+    numbers, pos = distorted_g2(name, rng)  # off the minimum
     t0 = time.perf_counter()
-    ref = label_geometry(atoms.numbers, pos, level)
+    ref = label_geometry(numbers, pos, level)
     t_hess = time.perf_counter() - t0
-    probes = make_probes("gaussian", num_probes, len(atoms), rng)
-    out = fd_hvp(atoms.numbers, pos, probes, level, step)
-    exact = np.einsum("iajb,kjb->kia", ref["hessian"], probes)
+    probes = make_probes("gaussian", num_probes, len(numbers), rng)
+    out = fd_hvp(numbers, pos, probes, level, step)
     return {
         "name": name,
-        "n_atoms": len(atoms),
+        "n_atoms": len(numbers),
         "hessian_s": t_hess,
         "gradient_s": ref["wall_scf"] + ref["wall_grad"],
         "hvp_s": out["wall_scf"] + out["wall_fd"],
         "num_probes": num_probes,
         "fd_step_A": step,
-        "fd_rel_error": float(np.abs(out["hvps"] - exact).max() / np.abs(exact).max()),
+        "fd_rel_error": fd_hvp_error(ref["hessian"], probes, out["hvps"]),
     }
 
 

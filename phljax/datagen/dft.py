@@ -538,3 +538,13 @@ def fd_hvp(
         "wall_fd": time.perf_counter() - t1,
         "n_gradients": 1 + 2 * len(probes),
     }
+
+
+def fd_hvp_error(
+    hessian: np.ndarray,  # [N, 3, N, 3] Hartree/Bohr^2
+    probes: np.ndarray,  # [K, N, 3]
+    hvps: np.ndarray,  # [K, N, 3] Hartree/Bohr^2, e.g. fd_hvp()["hvps"]
+) -> float:
+    """max|H v - hvps| / max|H v| over all probes, atoms and components (dimensionless)."""
+    exact = np.einsum("iajb,kjb->kia", hessian, probes)
+    return float(np.abs(hvps - exact).max() / np.abs(exact).max())

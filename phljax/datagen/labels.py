@@ -22,6 +22,7 @@ from phljax.datagen.dft import (
     LevelOfTheory,
     SCFNotConvergedError,
     fd_hvp,
+    fd_hvp_error,
     hessian_checks,
     label_geometry,
     validate_hessian,
@@ -147,8 +148,7 @@ def label_hvp(
         return _reject(stem, where, err, positions)
     fd_err = {}
     if reference_hessian is not None:
-        exact = np.einsum("iajb,kjb->kia", reference_hessian, probes)
-        fd_err["fd_rel_error"] = float(np.abs(out["hvps"] - exact).max() / np.abs(exact).max())
+        fd_err["fd_rel_error"] = fd_hvp_error(reference_hessian, probes, out["hvps"])
     save_npz(
         stem + ".npz",
         numbers=np.asarray(numbers),

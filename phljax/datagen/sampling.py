@@ -136,3 +136,19 @@ def sample_normal_modes(
     disp_bohr = np.einsum("sk,kia->sia", q, modes[use])  # [S, N, 3] Bohr
     energy = 0.5 * np.sum(omega2[use] * q**2, axis=1)  # [S] Hartree
     return positions[None] + disp_bohr * BOHR_ANGSTROM, energy
+
+
+def distorted_g2(
+    name: str,
+    rng: np.random.Generator,
+    sigma: float = 0.03,  # Angstrom
+) -> tuple[np.ndarray, np.ndarray]:
+    """ase's g2 geometry of ``name`` with Gaussian noise (std ``sigma`` Angstrom) on every coordinate.
+
+    A reproducible off-minimum geometry (non-zero forces) for derivative checks and cost
+    measurements. Returns (numbers [N] int, positions [N, 3] Angstrom); draws from ``rng``.
+    """
+    from ase.build import molecule
+
+    atoms = molecule(name)
+    return atoms.numbers, atoms.positions + rng.normal(0.0, sigma, atoms.positions.shape)
