@@ -148,6 +148,38 @@ def test_resume_after_interruption(cache, tmp_path):
     np.testing.assert_allclose(a["energy"], b["energy"], atol=1e-8)
 
 
+def test_worker_processes_make_the_same_data(cache, tmp_path):
+    """workers=2: spawned processes, each reaction's structure chain in order, labels two at a time.
+    The data equal the one-process run's, and the workers' log records reach the parent's handlers."""
+    import logging
+
+    d, summary = cache
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("phljax.datagen")
+    logger.addHandler(handler)
+    try:
+        par = reactions.run(CFG, reactions.read_reactions([HCN]), str(tmp_path), progress=False, workers=2)
+    finally:
+        logger.removeHandler(handler)
+    assert par["reactions"]["hcn_hnc"]["failures"] == []
+    for key in ("n_rtp", "n_irc", "n_nms"):
+        assert par[key] == summary[key]
+
+    def energies(cache_dir, category):
+        recs = reactions.cached_records_of(os.path.join(cache_dir, "hcn_hnc"))
+        return np.sort([float(r["energy"]) for r in recs if str(r["category"]) == category])
+
+    # Same stationary points and the same IRC path. Which branch Sella calls "forward" follows the
+    # sign of the TS mode, and NMS samples around linear HCN/HNC the basis of their degenerate
+    # bends: both can change with the thread count, so those are compared as sets / counts.
+    for category in ("rtp", "irc"):
+        np.testing.assert_allclose(energies(str(tmp_path), category), energies(d, category), atol=1e-6)
+    assert any(m.startswith("labelled nms_") for m in messages), messages[:5]
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
+
+
 def test_changed_config_is_refused(cache):
     d, _ = cache
     with pytest.raises(ValueError, match="another configuration"):
@@ -301,7 +333,7 @@ def test_label_rounds_cover_every_category(tmp_path):
     a run stopped early has all three categories (the order only; nothing is computed here)."""
     rx = reactions.read_reaction(HCN)
     other = dataclasses.replace(rx, id="hcn_hnc_copy")
-    names = [desc for desc, _ in reactions.tasks(CFG, [rx, other], str(tmp_path))]
+    names = [t.description for t in reactions.tasks(CFG, [rx, other], str(tmp_path))]
     structure_work = 2 * 6  # optimise and label reactant and product, TS, IRC
     first_round = names[structure_work : structure_work + 2 * 5]
     assert first_round[:5] == [
@@ -312,12 +344,13 @@ def test_label_rounds_cover_every_category(tmp_path):
     assert len(names) == structure_work + 2 * (2 * CFG.n_irc + 3 * CFG.n_nms)
 
 
-def test_stop_file_ends_the_run_before_the_next_task(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stop_file_ends_the_run_before_the_next_task(tmp_path, workers):
     """`touch <cache>/STOP` stops a long run cleanly: no task starts, the file is consumed."""
     d = str(tmp_path / "cache")
     os.makedirs(d)
     open(os.path.join(d, "STOP"), "w").close()
-    summary = reactions.run(CFG, reactions.read_reactions([HCN]), d, progress=False)
+    summary = reactions.run(CFG, reactions.read_reactions([HCN]), d, progress=False, workers=workers)
     assert summary["n_geometries"] == 0 and not os.path.exists(os.path.join(d, "STOP"))
     assert os.listdir(os.path.join(d, "hcn_hnc")) == []
 

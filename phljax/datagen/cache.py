@@ -21,7 +21,7 @@ def save_npz(path: str, **arrays) -> None:
     """Write an ``.npz`` atomically (temporary file + fsync + rename)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two may write the same file
     with open(tmp, "wb") as f:
         f.write(buf.getvalue())
         f.flush()
@@ -31,7 +31,7 @@ def save_npz(path: str, **arrays) -> None:
 
 def save_json(path: str, obj: dict) -> None:
     """Write JSON atomically (numpy scalars become floats)."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two may write the same file
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, default=_jsonable)
         f.flush()

@@ -346,14 +346,15 @@ the labels above, and per geometry `category` (rtp/irc/nms), `reaction` (id), `p
 
 ## Compute
 
-{summary["compute_s"] / 3600:.2f} h of wall time so far on 2 CPU threads (`OMP_NUM_THREADS=2`, `nice -n 10`, shared
-with other jobs, so an upper bound).
+{summary["compute_s"] / 3600:.2f} h so far: the sum of every calculation's wall time on a 2-core machine (`nice -n 10`,
+shared with other jobs, so an upper bound). With `--workers N`, N calculations run at once, so the
+elapsed time is shorter than this sum.
 {cost}
 ## Regenerate
 
 ```
 pip install -e '.[data]'
-OMP_NUM_THREADS=2 nice -n 10 python experiments/make_dataset.py            # all reactions (resumes)
+OMP_NUM_THREADS=2 nice -n 10 python experiments/make_dataset.py --workers 2  # all reactions (resumes)
 python experiments/make_dataset.py --reactions data/reactions/hcn_hnc.xyz --out runs/hcn --cache runs/hcn/cache
 python experiments/make_dataset.py --assemble                              # files from the cache
 ```

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,8 +34,18 @@ CATEGORIES = ("rtp", "irc", "nms")
 _PATTERNS = {"rtp": "rtp_*.npz", "irc": "irc_*_[0-9][0-9].npz", "nms": "nms_*_[0-9][0-9][0-9].npz"}
 
 
-def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) -> Iterator[tuple[str, Any]]:
-    """The work as (description, thunk) pairs.
+class Task(NamedTuple):
+    """One unit of work of :func:`run`."""
+
+    description: str
+    reaction: str  # reaction id
+    structure: bool  # a link of the reaction's structure chain (runs after the links before it);
+    # otherwise a label task, which needs the whole chain and nothing else
+    run: Callable[[], Any]
+
+
+def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) -> Iterator[Task]:
+    """The work as a fixed, ordered list of :class:`Task` (the same for the same arguments).
 
     Order: the structure work of one reaction after another (optimise reactant and product,
     their Hessians, TS, IRC), so each finished reaction is complete and verified early; then
@@ -44,8 +55,9 @@ def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) ->
     """
     stages = [ReactionDir(cache_dir, r) for r in reactions]
     for st in stages:
+        rid = st.rxn.id
         for role in ("reactant", "product"):
-            yield f"{st.rxn.id}: optimise {role}", lambda st=st, role=role: optimize_stage(cfg, st, role)
+            yield Task(f"{rid}: optimise {role}", rid, True, lambda st=st, role=role: optimize_stage(cfg, st, role))
         for role in ("reactant", "product"):
 
             def run_label(st=st, role=role):
@@ -56,7 +68,7 @@ def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) ->
                 if rec is not None:
                     check_minimum(cfg, st, role, rec)
 
-            yield f"{st.rxn.id}: label {role}", run_label
+            yield Task(f"{rid}: label {role}", rid, True, run_label)
 
         def run_ts(st=st):
             if all(
@@ -65,16 +77,17 @@ def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) ->
             ):
                 ts_stage(cfg, st)
 
-        yield f"{st.rxn.id}: transition state", run_ts
-        yield f"{st.rxn.id}: IRC", lambda st=st: os.path.exists(st.path("ts.npz")) and irc_stage(cfg, st)
+        yield Task(f"{rid}: transition state", rid, True, run_ts)
+        yield Task(f"{rid}: IRC", rid, True, lambda st=st: os.path.exists(st.path("ts.npz")) and irc_stage(cfg, st))
     for k in range(max(cfg.n_irc, cfg.n_nms)):
         for st in stages:
             if k < cfg.n_irc:
                 for direction in ("forward", "reverse"):
-                    yield f"{st.rxn.id}: IRC {direction} point {k + 1}", _irc_label(cfg, st, direction, k)
+                    desc = f"{st.rxn.id}: IRC {direction} point {k + 1}"
+                    yield Task(desc, st.rxn.id, False, _irc_label(cfg, st, direction, k))
             if k < cfg.n_nms:
                 for point in STATIONARY:
-                    yield f"{st.rxn.id}: NMS {point} {k + 1}", _nms_label(cfg, st, point, k)
+                    yield Task(f"{st.rxn.id}: NMS {point} {k + 1}", st.rxn.id, False, _nms_label(cfg, st, point, k))
 
 
 def check_minimum(cfg: ReactionConfig, st: ReactionDir, role: str, rec: dict) -> bool:
@@ -125,7 +138,13 @@ def _nms_label(cfg: ReactionConfig, st: ReactionDir, point: str, k: int):
     return label
 
 
-def run(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str, progress: bool = True) -> dict:
+def run(
+    cfg: ReactionConfig,
+    reactions: Sequence[Reaction],
+    cache_dir: str,
+    progress: bool = True,
+    workers: int = 1,
+) -> dict:
     """Run (or resume) the whole pipeline; returns :func:`summarize` of the cache.
 
     The configuration is stored in ``<cache_dir>/config.json``; resuming with a different one is
@@ -134,9 +153,18 @@ def run(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str, prog
     To stop a long run without losing the calculation in flight, create ``<cache_dir>/STOP``:
     the run ends after the current task (and removes the file). Killing it loses only that task.
 
+    Args:
+        workers: processes that run tasks at once. With more than one, each gets
+            ``OMP_NUM_THREADS // workers`` threads (at least one), a reaction's structure tasks
+            still run one after another, and its label tasks start once they are all done. For
+            molecules this small PySCF's OpenMP scales poorly, so labelling several geometries
+            at once gets more out of the cores (see ``--workers`` of ``experiments/make_dataset.py``).
+
     Raises:
-        ValueError: if ``cache_dir`` was made with another configuration.
+        ValueError: if ``cache_dir`` was made with another configuration, or ``workers < 1``.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     os.makedirs(cache_dir, exist_ok=True)
     cfg_path = os.path.join(cache_dir, "config.json")
     if os.path.exists(cfg_path):
@@ -149,19 +177,110 @@ def run(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str, prog
         save_json(os.path.join(cache_dir, f"{r.id}.reaction.json"), {"id": r.id, "comment": r.comment,
                   "path": r.path, "numbers": r.numbers, "reactant": r.reactant, "product": r.product})  # fmt: skip
     work = list(tasks(cfg, reactions, cache_dir))
-    log.info("run: %d reactions, %d tasks, cache %s", len(reactions), len(work), cache_dir)
+    log.info("run: %d reactions, %d tasks, %d worker(s), cache %s", len(reactions), len(work), workers, cache_dir)
     from tqdm import tqdm
 
-    bar = tqdm(work, disable=not progress, unit="task", smoothing=0.05, dynamic_ncols=True)
+    bar = tqdm(total=len(work), disable=not progress, unit="task", smoothing=0.05, dynamic_ncols=True)
     stop = os.path.join(cache_dir, "STOP")
-    for desc, thunk in bar:
-        if os.path.exists(stop):
-            os.remove(stop)
-            log.info("run: %s found, stopping before %r", stop, desc)
-            break
-        bar.set_description(desc[:48])
-        thunk()
+    with bar:
+        if workers == 1:
+            for task in work:
+                if _stop_requested(stop, task):
+                    break
+                bar.set_description(task.description[:48])
+                task.run()
+                bar.update()
+        else:
+            _run_in_processes(cfg, reactions, cache_dir, work, workers, bar, stop)
     return summarize(cache_dir)
+
+
+def _stop_requested(stop: str, next_task: Task) -> bool:
+    if not os.path.exists(stop):
+        return False
+    os.remove(stop)
+    log.info("run: %s found, stopping before %r", stop, next_task.description)
+    return True
+
+
+def _run_in_processes(cfg, reactions, cache_dir, work: list[Task], workers: int, bar, stop: str) -> None:
+    """Run ``work`` in ``workers`` spawned processes, in list order as far as dependencies allow.
+
+    A task is ready when it is a structure task of a reaction with no structure task running (the
+    earliest pending one of its reaction is then the one taken, as the list is scanned in order), or
+    a label task of a reaction whose structure tasks have all finished. A worker's exception
+    ends the run after the tasks in flight finish (their results are cached).
+    """
+    import concurrent.futures as cf
+    import multiprocessing
+    from logging.handlers import QueueListener
+
+    threads = max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // workers)
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP or JAX state
+    records = ctx.Queue()
+    listener = QueueListener(records, *log.handlers, respect_handler_level=True)
+    # spawned workers read the thread counts from the environment when numpy and PySCF load
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update({k: str(threads) for k in _THREAD_VARS})
+    chain_left = collections.Counter(t.reaction for t in work if t.structure)
+    pending = list(range(len(work)))
+    running: dict[cf.Future, int] = {}
+    stopping = False
+    listener.start()
+    try:
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                    initargs=(cfg, list(reactions), cache_dir, records, threads)) as pool:  # fmt: skip
+            while pending or running:
+                if pending and not stopping and _stop_requested(stop, work[pending[0]]):
+                    stopping = True
+                busy = {work[i].reaction for i in running.values() if work[i].structure}
+                for i in [] if stopping else list(pending):
+                    if len(running) >= workers:
+                        break
+                    t = work[i]
+                    if (t.reaction not in busy) if t.structure else chain_left[t.reaction] == 0:
+                        pending.remove(i)
+                        running[pool.submit(_worker_run, i)] = i
+                        busy |= {t.reaction} if t.structure else set()
+                        bar.set_description(t.description[:48])
+                if not running:
+                    if pending and not stopping:  # cannot happen: a chain's next link is always ready
+                        raise RuntimeError(f"no task ready of {len(pending)} pending")
+                    break
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    t = work[running.pop(future)]
+                    future.result()  # re-raises a worker's exception
+                    chain_left[t.reaction] -= t.structure
+                    bar.update()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        listener.stop()
+
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_WORKER_TASKS: list[Task] = []
+
+
+def _worker_init(cfg, reactions, cache_dir, records, threads) -> None:
+    """In a worker process: log to the parent's handlers, set the threads, build the task list."""
+    from logging.handlers import QueueHandler
+
+    log.handlers[:] = [QueueHandler(records)]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    from pyscf import lib
+
+    lib.num_threads(threads)
+    _WORKER_TASKS[:] = tasks(cfg, reactions, cache_dir)
+
+
+def _worker_run(index: int) -> None:
+    _WORKER_TASKS[index].run()
 
 
 def cached_records(cache_dir: str, category: str | None = None) -> list[dict[str, Any]]:
