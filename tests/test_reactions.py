@@ -201,6 +201,10 @@ def test_hdf5_round_trip(cache, tmp_path):
     assert counts == {"rtp": 3, "irc": 2 * CFG.n_irc, "nms": 3 * CFG.n_nms}
     points = {m.meta["point"] for m in read_h5(tmp_path / "tiny-RTP.h5")}
     assert points == {"reactant", "product", "ts"}
+    irc = np.load(os.path.join(d, "hcn_hnc", "irc.npz"))
+    for m in read_h5(tmp_path / "tiny-IRC.h5"):  # which end each IRC branch leads to
+        assert m.meta["toward"] == str(irc["end_" + m.meta["point"].removeprefix("irc_")])
+    assert {m.meta["toward"] for m in read_h5(tmp_path / "tiny-IRC.h5")} == {"reactant", "product"}
     # energies and forces survive the unit round trip exactly (Hartree/Bohr in the cache)
     rec = np.load(os.path.join(d, "hcn_hnc", "rtp_ts.npz"))
     ts = [m for m in read_h5(tmp_path / "tiny-RTP.h5") if m.meta["point"] == "ts"][0]
@@ -376,3 +380,4 @@ def test_bundled_reaction_data_reads_with_its_categories():
             assert m.meta["category"] == cat.lower() and m.meta["reaction"] in known
             n = m.n_atoms
             assert m.hessian.shape == (n, 3, n, 3) and np.isfinite(m.hessian).all()
+            assert cat != "IRC" or m.meta["toward"] in ("reactant", "product")

@@ -340,7 +340,9 @@ frequency of the verified TS in cm^-1 (negative = imaginary).
 group per formula and atom order; `species`, `coordinates` [n_conf, N, 3] Angstrom, `energies`
 [n_conf] Hartree (total, no atomic reference subtracted), `forces` [n_conf, N, 3] Hartree/Angstrom,
 the labels above, and per geometry `category` (rtp/irc/nms), `reaction` (id), `point`
-(reactant, product, ts, irc_forward, irc_reverse, nms_reactant, ...), `index`, `source`.
+(reactant, product, ts, irc_forward, irc_reverse, nms_reactant, ...), `index`, `source`; IRC
+geometries also `toward` (reactant or product: the end their branch relaxes to, as Sella's
+forward direction follows the arbitrary sign of the TS mode).
 `phljax.data.read_h5` converts to eV and Angstrom. The per-calculation cache (atomic units) is
 `data/dft_cache/reactions/<reaction>/`.
 

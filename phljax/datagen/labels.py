@@ -176,7 +176,7 @@ def label_hvp(
     return True
 
 
-_META_KEYS = ("category", "reaction", "point", "name", "kind", "index", "source")
+_META_KEYS = ("category", "reaction", "point", "toward", "name", "kind", "index", "source")
 
 
 def to_molecules(records: list[dict[str, Any]], symmetrize: bool = True) -> list:

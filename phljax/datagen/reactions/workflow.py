@@ -305,6 +305,8 @@ def assemble(cache_dir: str, out_dir: str, prefix: str = "chon_reactions") -> di
         recs = cached_records(cache_dir, cat)
         if not recs:
             continue
+        if cat == "irc":
+            _add_irc_ends(cache_dir, recs)
         path = os.path.join(out_dir, f"{prefix}-{cat.upper()}.h5")
         write_h5(path, to_molecules(recs))
         written[cat] = path
@@ -313,6 +315,20 @@ def assemble(cache_dir: str, out_dir: str, prefix: str = "chon_reactions") -> di
     summary["files"] = {k: os.path.basename(v) for k, v in written.items()}
     save_json(os.path.join(cache_dir, "summary.json"), summary)
     return summary
+
+
+def _add_irc_ends(cache_dir: str, records: list[dict[str, Any]]) -> None:
+    """Give each IRC record ``toward``: the end (reactant or product) its branch relaxes to.
+
+    Sella's "forward" follows the sign of the TS's imaginary mode, so it leads to the product
+    for some reactions and to the reactant for others; ``toward`` says which.
+    """
+    ends: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        rid = str(rec["reaction"])
+        if rid not in ends:
+            ends[rid] = load_npz(os.path.join(cache_dir, rid, "irc.npz"))
+        rec["toward"] = np.str_(ends[rid][f"end_{str(rec['point']).removeprefix('irc_')}"])
 
 
 def summarize(cache_dir: str) -> dict[str, Any]:
