@@ -360,4 +360,11 @@ OMP_NUM_THREADS=2 nice -n 10 python experiments/make_dataset.py --workers 2  # a
 python experiments/make_dataset.py --reactions data/reactions/hcn_hnc.xyz --out runs/hcn --cache runs/hcn/cache
 python experiments/make_dataset.py --assemble                              # files from the cache
 ```
+
+Resuming from the cache recomputes nothing. Given the cached stationary-point Hessians the normal-mode
+samples are fixed by the seed. A from-scratch run on another machine or thread count reproduces the
+optimised structures only to the optimisers' tolerances, and the eigenvectors' signs are arbitrary
+(and so is the basis of a degenerate pair, like the bends of linear HCN and HNC). Its NMS geometries
+then differ from these, drawn from the same distribution, and Sella's `irc_forward` may be the other
+branch (`toward` says which end each branch reaches).
 """
