@@ -180,6 +180,48 @@ def test_worker_processes_make_the_same_data(cache, tmp_path):
     assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
 
 
+def test_samples_drawn_with_rotation_like_modes_are_redrawn(cache, tmp_path, monkeypatch):
+    """A cache from before the rotation-like-mode rule: where the rule freezes nothing the samples
+    and their labels stay; where it freezes a mode they move to stale_* (out of the data, still in
+    the compute time) and are drawn and labelled again."""
+    from phljax.datagen.reactions import labelling
+
+    d, summary = cache
+    copy = str(tmp_path / "copy")
+    shutil.copytree(d, copy)
+    rdir = os.path.join(copy, "hcn_hnc")
+    for point in ("reactant", "product", "ts"):  # as an older phljax wrote them
+        f = os.path.join(rdir, f"nms_{point}_samples.npz")
+        old = {k: v for k, v in np.load(f).items() if k not in ("frozen", "rectilinear_stretch")}
+        np.savez(f, **old)
+    reactant = np.load(os.path.join(rdir, "rtp_reactant.npz"))["positions"]
+    real = labelling.rectilinear_stretch
+
+    def reactant_turns(numbers, positions, modes, omega2, temperature):  # pretend its top mode turns
+        out = real(numbers, positions, modes, omega2, temperature)
+        if np.allclose(positions, reactant):
+            out[-1] = 1.0
+        return out
+
+    monkeypatch.setattr(labelling, "rectilinear_stretch", reactant_turns)
+    kept = {f: os.path.getmtime(os.path.join(rdir, f)) for f in ("nms_product_001.npz", "nms_ts_002.npz")}
+    again = reactions.run(CFG, reactions.read_reactions([HCN]), copy, progress=False)
+
+    assert again["n_nms"] == summary["n_nms"] and again["reactions"]["hcn_hnc"]["n_stale"] == CFG.n_nms
+    assert again["compute_s"] > summary["compute_s"]  # the stale labels' time still counts
+    assert list(again["reactions"]["hcn_hnc"]["nms_frozen_cm"]) == ["reactant"]
+    new = np.load(os.path.join(rdir, "nms_reactant_samples.npz"))
+    stale = np.load(os.path.join(rdir, "stale_nms_reactant_samples.npz"))
+    assert new["frozen"][-1] and not new["frozen"][:-1].any()
+    assert not np.allclose(new["positions"], stale["positions"])
+    relabelled = np.load(os.path.join(rdir, "nms_reactant_001.npz"))
+    np.testing.assert_allclose(relabelled["positions"], new["positions"][0])
+    assert os.path.exists(os.path.join(rdir, "stale_nms_reactant_002.npz"))
+    for f, t in kept.items():
+        assert os.path.getmtime(os.path.join(rdir, f)) == t, f
+    assert "frozen" in np.load(os.path.join(rdir, "nms_product_samples.npz"))
+
+
 def test_changed_config_is_refused(cache):
     d, _ = cache
     with pytest.raises(ValueError, match="another configuration"):

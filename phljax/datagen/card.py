@@ -225,6 +225,13 @@ def render_reaction_card(
         )
     atoms = sorted({r["n_atoms"] for r in rxns.values()})
     size = f"{atoms[0]}-{atoms[-1]}" if atoms else "0"
+    frozen = [f"{rid} {pt} ({', '.join(map(str, f))})" for rid, r in rxns.items()
+              for pt, f in r.get("nms_frozen_cm", {}).items()]  # fmt: skip
+    frozen_text = f": cm^-1, {'; '.join(frozen)}" if frozen else ""
+    n_stale = sum(r.get("n_stale", 0) for r in rxns.values())
+    if n_stale:
+        frozen_text += (f". {n_stale} labels of samples drawn before this rule are kept in the cache as "
+                        "`stale_*` and are not in the files")  # fmt: skip
     d_shell = "Cartesian" if level.get("cart") else "spherical"
     programs = "; ".join(summary.get("programs") or ["PySCF"])
     disp_word = "" if level.get("dispersion", True) else " NOT"
@@ -318,7 +325,10 @@ frequency of the verified TS in cm^-1 (negative = imaginary).
 4. NMS: {cfg.get("n_nms")} samples around reactant, product and TS from the classical harmonic
    Boltzmann distribution at {cfg.get("temperature")} K (modes below {cfg.get("min_freq_cm")} cm^-1 and the TS's
    imaginary mode not displaced), seeded by `default_rng([seed, crc32(reaction), crc32(point)])`,
-   seed {cfg.get("seed")}.
+   seed {cfg.get("seed")}. Normal modes are straight lines, so a straight step along a rotation-like
+   mode (a weakly bound fragment turning, an NH2 wag, a methyl torsion) by its large thermal
+   amplitude pulls bonds apart; such modes, whose step by one RMS amplitude lengthens a bond by more
+   than {cfg.get("max_rectilinear_stretch", "(not applied)")} at second order, are not displaced either{frozen_text}.
 
 ## Level of theory and what the labels contain
 

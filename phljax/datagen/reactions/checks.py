@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from phljax.datagen.sampling import normal_modes
+from phljax.datagen.sampling import bonded_pairs, normal_modes
 
 
 class TSVerificationError(ValueError):
@@ -15,11 +15,7 @@ class TSVerificationError(ValueError):
 
 def bond_graph(numbers: np.ndarray, positions: np.ndarray, scale: float = 1.2) -> frozenset:
     """Bonded pairs {(i, j)}: distance below ``scale`` times the sum of covalent radii."""
-    from ase.data import covalent_radii
-
-    r = covalent_radii[np.asarray(numbers)]
-    d = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
-    i, j = np.nonzero(np.triu(d < scale * (r[:, None] + r[None]), k=1))
+    i, j = bonded_pairs(numbers, positions, scale)
     return frozenset(zip(i.tolist(), j.tolist(), strict=True))
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from phljax.datagen.cache import load_json, load_npz, save_json, save_npz
 from phljax.datagen.labels import is_done, label_hessian, label_hvp, make_probes
 from phljax.datagen.reactions.spec import Reaction, ReactionConfig
-from phljax.datagen.sampling import normal_modes, sample_normal_modes
+from phljax.datagen.sampling import normal_modes, rectilinear_stretch, sample_normal_modes
 
 log = logging.getLogger("phljax.datagen")
 
@@ -87,17 +87,48 @@ def hessian_record(st: ReactionDir, point: str, cfg: ReactionConfig) -> dict | N
 
 
 def nms_samples(cfg: ReactionConfig, st: ReactionDir, point: str, hessian_record: dict) -> dict:
-    """Normal-mode samples around a stationary point (drawn once, cached, seeded)."""
+    """Normal-mode samples around a stationary point (drawn once, cached, seeded).
+
+    Modes below ``cfg.min_freq_cm`` and rotation-like modes (``rectilinear_stretch`` above
+    ``cfg.max_rectilinear_stretch``) are not displaced; the file records which (``frozen``).
+    A file drawn before that rule (no ``frozen``) is kept if the rule freezes no mode of this
+    point; otherwise it and the labels of its samples are moved to ``stale_*`` (out of the data,
+    still counted in the compute time) and the samples are drawn again.
+    """
     out = st.path(f"nms_{point}_samples.npz")
-    if os.path.exists(out):
-        return load_npz(out)
     rec = hessian_record
     nm = normal_modes(rec["numbers"], rec["positions"], rec["hessian"])
+    stretch = rectilinear_stretch(rec["numbers"], rec["positions"], nm["modes"], nm["omega2"], cfg.temperature)
+    frozen = (stretch > cfg.max_rectilinear_stretch) & (nm["freq_cm"] >= cfg.min_freq_cm)
+    if os.path.exists(out):
+        cached = load_npz(out)
+        if "frozen" in cached:
+            return cached
+        if not frozen.any():  # the same draw as the rule makes now
+            save_npz(out, **cached, frozen=frozen, rectilinear_stretch=stretch)
+            return load_npz(out)
+        _retire_samples(st, point, frozen_cm=nm["freq_cm"][frozen])
     rng = np.random.default_rng([cfg.seed, zlib.crc32(st.rxn.id.encode()), zlib.crc32(point.encode())])
     samples, e_harm = sample_normal_modes(rec["positions"], nm["modes"], nm["omega2"], nm["freq_cm"], cfg.n_nms,
-                                          cfg.temperature, rng, cfg.min_freq_cm)  # fmt: skip
-    save_npz(out, positions=samples, harmonic_energy=e_harm, freq_cm=nm["freq_cm"])
+                                          cfg.temperature, rng, cfg.min_freq_cm, frozen)  # fmt: skip
+    save_npz(out, positions=samples, harmonic_energy=e_harm, freq_cm=nm["freq_cm"], frozen=frozen,
+             rectilinear_stretch=stretch)  # fmt: skip
     return load_npz(out)
+
+
+def _retire_samples(st: ReactionDir, point: str, frozen_cm: np.ndarray) -> None:
+    """Move the samples of ``point`` drawn with rotation-like modes, and their labels, to ``stale_*``."""
+    names = [f"nms_{point}_samples.npz"] + sorted(
+        f for f in os.listdir(st.dir) if f.startswith(f"nms_{point}_") and f[len(f"nms_{point}_") :][:3].isdigit()
+    )
+    for name in names:
+        try:
+            os.replace(st.path(name), st.path("stale_" + name))
+        except FileNotFoundError:  # another worker moved it first
+            pass
+    log.warning("%s: NMS samples around the %s were drawn with rotation-like modes (%s cm^-1) displaced; "
+                "they and %d labels moved to stale_*, drawing again",
+                st.rxn.id, point, ", ".join(f"{f:.0f}" for f in frozen_cm), len(names) - 1)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the run

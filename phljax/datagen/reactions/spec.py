@@ -137,6 +137,10 @@ class ReactionConfig:
         n_nms: normal-mode samples per stationary point (reactant, product, TS).
         temperature: NMS temperature, Kelvin.
         min_freq_cm: modes softer than this are not displaced, cm^-1.
+        max_rectilinear_stretch: modes whose straight-line displacement by their thermal RMS
+            amplitude lengthens a bond by more than this fraction at second order (librations,
+            hindered rotations: see :func:`phljax.datagen.sampling.rectilinear_stretch`) are not
+            displaced either.
         labels: ``"hessian"`` (analytic) or ``"hvp"`` (K finite-difference HVPs per geometry).
         num_probes: K, probes per geometry for ``labels="hvp"``.
         probe_kind: ``"gaussian"`` or ``"onehot"``.
@@ -164,6 +168,7 @@ class ReactionConfig:
     n_nms: int = 20
     temperature: float = 500.0
     min_freq_cm: float = 50.0
+    max_rectilinear_stretch: float = 0.04
     labels: str = "hessian"
     num_probes: int = 4
     probe_kind: str = "gaussian"

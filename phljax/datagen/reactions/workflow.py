@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from phljax import units
 from phljax.datagen.cache import load_json, load_npz, save_json
 from phljax.datagen.labels import to_molecules
 from phljax.datagen.reactions.checks import NotAMinimumError, verify_minimum
@@ -171,6 +172,8 @@ def run(
         old = ReactionConfig.from_json(load_json(cfg_path))
         if old != cfg:
             raise ValueError(f"{cfg_path}: the cache was made with another configuration:\n{old}\nnow:\n{cfg}")
+        if set(load_json(cfg_path)) != set(cfg.to_json()):  # a setting added since, at its default
+            save_json(cfg_path, cfg.to_json())
     else:
         save_json(cfg_path, cfg.to_json())
     for r in reactions:
@@ -340,6 +343,9 @@ def summarize(cache_dir: str) -> dict[str, Any]:
     per: dict[str, Any] = {}
     wall = 0.0
     programs: set[str] = set()  # the program versions that made the labels, from each label's record
+    # per category: energy above the reaction's optimised reactant, largest force component
+    spread = {c: {"energy_kcal": [], "max_force_eV_A": []} for c in CATEGORIES}
+    ev_per_ha_bohr = units.HARTREE / units.BOHR
     for rx_path in sorted(glob.glob(os.path.join(cache_dir, "*.reaction.json"))):
         rx = load_json(rx_path)
         rid = rx["id"]
@@ -347,12 +353,27 @@ def summarize(cache_dir: str) -> dict[str, Any]:
         info: dict[str, Any] = {"comment": rx["comment"], "n_atoms": len(rx["numbers"])}
         for cat in CATEGORIES:
             info[f"n_{cat}"] = 0
+        ref_p = os.path.join(d, "rtp_reactant.npz")  # the reactant's label: same terms as every other
+        e_ref = float(load_npz(ref_p)["energy"]) if os.path.exists(ref_p) else None
         for rec in cached_records_of(d):
-            info[f"n_{str(rec['category'])}"] += 1
+            cat = str(rec["category"])
+            info[f"n_{cat}"] += 1
             wall += float(rec["wall_total"])
             programs.add(_programs(json.loads(str(rec["level"]))))
+            if e_ref is not None:
+                spread[cat]["energy_kcal"].append((float(rec["energy"]) - e_ref) * kcal)
+            spread[cat]["max_force_eV_A"].append(float(np.abs(rec["gradient"]).max()) * ev_per_ha_bohr)
         helper = [load_npz(p) for p in glob.glob(os.path.join(d, "hess_*.npz"))]
         wall += sum(float(h["wall_total"]) for h in helper)
+        stale = [load_npz(p) for p in glob.glob(os.path.join(d, "stale_" + _PATTERNS["nms"]))]
+        wall += sum(float(r["wall_total"]) for r in stale)  # spent, though no longer data
+        info["n_stale"] = len(stale)
+        info["nms_frozen_cm"] = {}
+        for point in STATIONARY:
+            p = os.path.join(d, f"nms_{point}_samples.npz")
+            smp = load_npz(p) if os.path.exists(p) else {}
+            if "frozen" in smp and smp["frozen"].any():
+                info["nms_frozen_cm"][point] = [round(float(f)) for f in smp["freq_cm"][smp["frozen"]]]
         for name in ("reactant_opt", "product_opt", "ts", "irc"):
             p = os.path.join(d, name + ".npz")
             if os.path.exists(p):
@@ -385,6 +406,10 @@ def summarize(cache_dir: str) -> dict[str, Any]:
         "n_failed_reactions": sum(bool(v["failures"]) for v in per.values()),
         "compute_s": wall,
         "programs": sorted(programs),
+        "label_ranges": {
+            c: {k: [float(np.min(v)), float(np.median(v)), float(np.max(v))] for k, v in q.items() if v}
+            for c, q in spread.items()
+        },
         "config": load_json(cfg_path) if os.path.exists(cfg_path) else None,
     }
 
