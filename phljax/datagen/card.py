@@ -225,9 +225,22 @@ def render_reaction_card(
         )
     atoms = sorted({r["n_atoms"] for r in rxns.values()})
     size = f"{atoms[0]}-{atoms[-1]}" if atoms else "0"
-    frozen = [f"{rid} {pt} ({', '.join(map(str, f))})" for rid, r in rxns.items()
+    frozen = [f"{rid} {pt} {', '.join(map(str, f))}" for rid, r in rxns.items()
               for pt, f in r.get("nms_frozen_cm", {}).items()]  # fmt: skip
-    frozen_text = f": cm^-1, {'; '.join(frozen)}" if frozen else ""
+    frozen_text = f" (here, in cm^-1: {'; '.join(frozen)})" if frozen else ""
+    ranges = ""
+    if summary.get("label_ranges"):
+        rows_r = [
+            f"| {c.upper()} | " + " | ".join(f"{x:.1f}" for x in q["energy_kcal"]) + " | "
+            + " | ".join(f"{x:.2f}" for x in q["max_force_eV_A"]) + " |"
+            for c, q in summary["label_ranges"].items() if "energy_kcal" in q
+        ]  # fmt: skip
+        ranges = (
+            "\nWhat the labels span (min / median / max over the geometries of each category): energy above\n"
+            "the reaction's reactant in kcal/mol, and the largest force component in eV/Angstrom.\n\n"
+            "| category | E min | E median | E max | max F min | max F median | max F max |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(rows_r) + "\n"
+        )
     n_stale = sum(r.get("n_stale", 0) for r in rxns.values())
     if n_stale:
         frozen_text += (f". {n_stale} labels of samples drawn before this rule are kept in the cache as "
@@ -329,7 +342,7 @@ frequency of the verified TS in cm^-1 (negative = imaginary).
    mode (a weakly bound fragment turning, an NH2 wag, a methyl torsion) by its large thermal
    amplitude pulls bonds apart; such modes, whose step by one RMS amplitude lengthens a bond by more
    than {cfg.get("max_rectilinear_stretch", "(not applied)")} at second order, are not displaced either{frozen_text}.
-
+{ranges}
 ## Level of theory and what the labels contain
 
 - {programs}: restricted Kohn-Sham, libxc functional `{level.get("xc")}`
