@@ -65,7 +65,7 @@ def label_hessian(
     Returns:
         True if written, False if rejected (``<stem>.rejected.json`` holds why).
     """
-    where = os.path.basename(stem)
+    where = os.path.join(os.path.basename(os.path.dirname(stem)), os.path.basename(stem))  # <reaction>/<stem>
     t0 = time.perf_counter()
     try:
         out = label_geometry(numbers, positions, level)
@@ -140,7 +140,7 @@ def label_hvp(
     Returns:
         True if written, False if rejected.
     """
-    where = os.path.basename(stem)
+    where = os.path.join(os.path.basename(os.path.dirname(stem)), os.path.basename(stem))  # <reaction>/<stem>
     t0 = time.perf_counter()
     try:
         out = fd_hvp(numbers, positions, probes, level, step)
