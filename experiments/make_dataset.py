@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     p.add_argument("--reactions", nargs="+", default=sorted(glob.glob(os.path.join(ROOT, "data/reactions/*.xyz"))),
                    help="reaction xyz files, or .txt files listing them")  # fmt: skip
     p.add_argument("--only", default="", help="comma-separated reaction ids to run (default: all)")
-    p.add_argument("--cache", default=os.path.join(ROOT, "data/dft_cache/reactions"))
+    p.add_argument("--cache", default=os.path.join(CACHE, "reactions"))
     p.add_argument("--out", default=os.path.join(ROOT, "phljax/data/bundled"), help="directory of the HDF5 files")
     p.add_argument("--prefix", default="chon_reactions", help="file names <prefix>-RTP.h5, -IRC.h5, -NMS.h5")
     p.add_argument("--labels", choices=("hessian", "hvp"), default="hessian")
@@ -60,12 +60,18 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=1,
                    help="processes labelling at once, OMP_NUM_THREADS // workers threads each; PySCF's OpenMP "
                         "scales poorly on molecules this small, so use one worker per core")  # fmt: skip
-    p.add_argument("--label-cost", default=os.path.join(ROOT, "data/dft_cache/label_cost.json"),
-                   help="measured labelling costs for the data card (from experiments/label_cost.py)")  # fmt: skip
-    p.add_argument("--checks", nargs=2, metavar=("SCAN", "GRADIENTS"),
-                   default=[os.path.join(CACHE, f) for f in ("fd_step_scan.json", "gradient_check.json")],
-                   help="outputs of experiments/check_derivatives.py for the data card")  # fmt: skip
+    p.add_argument("--label-cost", default=None,
+                   help="measured labelling costs for the data card (from experiments/label_cost.py; default: "
+                        "the bundled set's, data/dft_cache/label_cost.json, with the default --cache)")  # fmt: skip
+    p.add_argument("--checks", nargs=2, metavar=("SCAN", "GRADIENTS"), default=None,
+                   help="outputs of experiments/check_derivatives.py for the data card (default: the "
+                        "bundled set's, in data/dft_cache/, with the default --cache)")  # fmt: skip
     args = p.parse_args(argv)
+    bundled = os.path.abspath(args.cache) == os.path.abspath(os.path.join(CACHE, "reactions"))
+    if args.label_cost is None:  # measurements of the bundled set belong on its card only
+        args.label_cost = os.path.join(CACHE, "label_cost.json") if bundled else ""
+    if args.checks is None:
+        args.checks = [os.path.join(CACHE, f) if bundled else "" for f in ("fd_step_scan.json", "gradient_check.json")]
 
     setup_logging(args.cache)
     if not args.assemble:

@@ -176,7 +176,7 @@ def test_worker_processes_make_the_same_data(cache, tmp_path):
     # bends: both can change with the thread count, so those are compared as sets / counts.
     for category in ("rtp", "irc"):
         np.testing.assert_allclose(energies(str(tmp_path), category), energies(d, category), atol=1e-6)
-    assert any(m.startswith("labelled nms_") for m in messages), messages[:5]
+    assert any(m.startswith("labelled hcn_hnc/nms_") for m in messages), messages[:5]
     assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
 
 
@@ -256,7 +256,10 @@ def test_hdf5_round_trip(cache, tmp_path):
     np.testing.assert_allclose(ts.energy, float(rec["energy"]) * ha, rtol=1e-12)
     np.testing.assert_allclose(ts.forces, -rec["gradient"] * ha / bohr, rtol=1e-10, atol=1e-12)
     card = render_reaction_card(out, "tiny")
-    assert "hcn_hnc" in card and "PARTIAL" in card and "grid_response" not in card
+    assert "hcn_hnc" in card and "grid_response" not in card
+    assert "(reaction set, hf/sto-3g)" in card and "Status: **complete**" in card  # every planned label is there
+    partial = render_reaction_card({**out, "n_planned": out["n_planned"] + 1}, "tiny")
+    assert f"PARTIAL: {out['n_geometries']} of {out['n_planned'] + 1} planned" in partial
     import pyscf
 
     assert f"PySCF {pyscf.__version__}, libxc " in card  # the versions that made the labels
@@ -423,3 +426,20 @@ def test_bundled_reaction_data_reads_with_its_categories():
             n = m.n_atoms
             assert m.hessian.shape == (n, 3, n, 3) and np.isfinite(m.hessian).all()
             assert cat != "IRC" or m.meta["toward"] in ("reactant", "product")
+
+
+def test_one_command_regenerates_one_reaction(tmp_path):
+    """The README's command for one reaction, at a cheap level and with two worker processes
+    (spawned from the script as __main__): three HDF5 files and a complete data card."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "hcn"
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "make_dataset.py"), "--reactions", HCN,
+           "--out", str(out), "--cache", str(out / "cache"), "--xc", "hf", "--basis", "sto-3g", "--grid-level", "0",
+           "--no-dispersion", "--n-irc", "1", "--n-nms", "1", "--workers", "2", "--no-progress"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=900)
+    counts = {cat: len(read_h5(out / f"chon_reactions-{cat}.h5")) for cat in ("RTP", "IRC", "NMS")}
+    assert counts == {"RTP": 3, "IRC": 2, "NMS": 3}
+    card = (out / "chon_reactions.DATA_CARD.md").read_text()
+    assert "Status: **complete**" in card and "hcn_hnc" in card

@@ -187,7 +187,6 @@ it was not done.
 """
 
 #: planned size of the bundled reaction set (the issue's target)
-REACTION_TARGET = 800
 
 
 def render_reaction_card(
@@ -214,7 +213,16 @@ def render_reaction_card(
     level = cfg.get("level", {})
     rxns = summary["reactions"]
     n = summary["n_geometries"]
-    status = "complete" if n >= REACTION_TARGET else f"PARTIAL: {n} of {REACTION_TARGET} planned geometries so far"
+    planned = summary.get("n_planned", n)
+    done = n + summary.get("n_rejected", 0) >= planned
+    status = "complete" if done else f"PARTIAL: {n} of {planned} planned geometries so far"
+    if level.get("xc") == "hyb_gga_xc_wb97x_d" and level.get("basis") in ("6-31g*", "6-31g(d)"):
+        level_name = "omegaB97X-D/6-31G(d)" + ("" if level.get("dispersion", True) else " without dispersion")
+    else:
+        level_name = f"{level.get('xc')}/{level.get('basis')}" + (" + CHG-D2" if level.get("dispersion", True) else "")
+    from ase.data import chemical_symbols
+
+    elements = [chemical_symbols[z] for z in sorted({z for r in rxns.values() for z in r.get("numbers", [])})]
     rows = []
     for rid, r in rxns.items():
         fail = "; ".join(r["failures"]) or ("" if "barrier_kcal" in r else "TS not searched yet")
@@ -224,7 +232,7 @@ def render_reaction_card(
             f"{r['n_rtp']} | {r['n_irc']} | {r['n_nms']} | {fail} |"
         )
     atoms = sorted({r["n_atoms"] for r in rxns.values()})
-    size = f"{atoms[0]}-{atoms[-1]}" if atoms else "0"
+    size = (f"{atoms[0]}-{atoms[-1]}" if atoms[-1] > atoms[0] else f"{atoms[0]}") if atoms else "0"
     frozen = [f"{rid} {pt} {', '.join(map(str, f))}" for rid, r in rxns.items()
               for pt, f in r.get("nms_frozen_cm", {}).items()]  # fmt: skip
     frozen_text = f" (here, in cm^-1: {'; '.join(frozen)})" if frozen else ""
@@ -248,7 +256,11 @@ def render_reaction_card(
     d_shell = "Cartesian" if level.get("cart") else "spherical"
     programs = "; ".join(summary.get("programs") or ["PySCF"])
     disp_word = "" if level.get("dispersion", True) else " NOT"
-    n_rej = sum(len(r["rejected"]) for r in rxns.values())
+    rejected = [f"{rid}: {x}" for rid, r in rxns.items() for x in r["rejected"]]
+    n_rej = len(rejected)
+    rejected_text = f"{n_rej} geometr{'y was' if n_rej == 1 else 'ies were'} rejected (SCF or Hessian check)"
+    rejected_text += " and " + ("is" if n_rej == 1 else "are") + " not in the files"
+    rejected_text += (": " + "; ".join(rejected) + ".") if rejected else "."
     labels = cfg.get("labels", "hessian")
     label_text = (
         "a full analytic Hessian (`hessian` [n_conf, 3N, 3N], Hartree/Angstrom^2, symmetrised)"
@@ -303,14 +315,14 @@ def render_reaction_card(
         )
     if checks:
         cost += _DERIVATIVE_NOTE
-    return f"""# Data card: `{prefix}-{{RTP,IRC,NMS}}.h5` (bundled omegaB97X-D/6-31G(d) reaction set)
+    return f"""# Data card: `{prefix}-{{RTP,IRC,NMS}}.h5` (reaction set, {level_name})
 
 Status: **{status}**. {n} labelled geometries ({summary["n_rtp"]} RTP, {summary["n_irc"]} IRC,
-{summary["n_nms"]} NMS) of {len(rxns)} closed-shell C/H/N/O reactions with {size}
+{summary["n_nms"]} NMS) of {len(rxns)} closed-shell reactions of {", ".join(elements) or "?"} with {size}
 atoms, made by `phljax.datagen.reactions` in the layout of the PHL paper's OpenREACT-CHON-EFH
 files: reactants, products and transition states (RTP), intrinsic-reaction-coordinate points
 (IRC) and normal-mode samples (NMS). Every geometry has an energy, forces and {label_text}.
-{n_rej} geometries were rejected (SCF or Hessian check) and are not in the files.
+{rejected_text}
 
 ## Reactions
 

@@ -342,6 +342,8 @@ def summarize(cache_dir: str) -> dict[str, Any]:
     kcal = 627.5094740631
     per: dict[str, Any] = {}
     wall = 0.0
+    cfg_path = os.path.join(cache_dir, "config.json")
+    cfg = load_json(cfg_path) if os.path.exists(cfg_path) else None
     programs: set[str] = set()  # the program versions that made the labels, from each label's record
     # per category: energy above the reaction's optimised reactant, largest force component
     spread = {c: {"energy_kcal": [], "max_force_eV_A": []} for c in CATEGORIES}
@@ -350,7 +352,8 @@ def summarize(cache_dir: str) -> dict[str, Any]:
         rx = load_json(rx_path)
         rid = rx["id"]
         d = os.path.join(cache_dir, rid)
-        info: dict[str, Any] = {"comment": rx["comment"], "n_atoms": len(rx["numbers"])}
+        info: dict[str, Any] = {"comment": rx["comment"], "n_atoms": len(rx["numbers"]),
+                                "numbers": sorted(set(rx["numbers"]))}  # fmt: skip
         for cat in CATEGORIES:
             info[f"n_{cat}"] = 0
         ref_p = os.path.join(d, "rtp_reactant.npz")  # the reactant's label: same terms as every other
@@ -391,18 +394,20 @@ def summarize(cache_dir: str) -> dict[str, Any]:
         fails = [load_json(p) for p in sorted(glob.glob(os.path.join(d, "*.failed.json")))]
         rejected = [load_json(p) for p in sorted(glob.glob(os.path.join(d, "*.rejected.json")))]
         info["failures"] = [f"{f['stage']}: {f['reason']}" for f in fails]
-        info["rejected"] = [f"{r['where']}: {r['reason']}" for r in rejected]
+        info["rejected"] = [f"{os.path.basename(r['where'])}: {r['reason']}" for r in rejected]
+        info["n_planned"] = _planned(cfg, d, info)
         fd = [float(load_npz(p)["fd_rel_error"]) for p in glob.glob(os.path.join(d, "rtp_*.npz"))
               if "fd_rel_error" in np.load(p).files]  # fmt: skip
         if fd:
             info["fd_rel_error_max"] = max(fd)
         per[rid] = info
     totals = {f"n_{c}": sum(v[f"n_{c}"] for v in per.values()) for c in CATEGORIES}
-    cfg_path = os.path.join(cache_dir, "config.json")
     return {
         "reactions": per,
         **totals,
         "n_geometries": sum(totals.values()),
+        "n_planned": sum(v["n_planned"] for v in per.values()),
+        "n_rejected": sum(len(v["rejected"]) for v in per.values()),
         "n_failed_reactions": sum(bool(v["failures"]) for v in per.values()),
         "compute_s": wall,
         "programs": sorted(programs),
@@ -410,8 +415,22 @@ def summarize(cache_dir: str) -> dict[str, Any]:
             c: {k: [float(np.min(v)), float(np.median(v)), float(np.max(v))] for k, v in q.items() if v}
             for c, q in spread.items()
         },
-        "config": load_json(cfg_path) if os.path.exists(cfg_path) else None,
+        "config": cfg,
     }
+
+
+def _planned(cfg: dict[str, Any] | None, reaction_dir: str, info: dict[str, Any]) -> int:
+    """Labelled geometries a finished run gives this reaction: 3 RTP, the IRC points its branches
+    yield (2 n_irc before the IRC exists), 3 n_nms NMS; a failed reaction, what it has."""
+    if info["failures"] or cfg is None:
+        return info["n_rtp"] + info["n_irc"] + info["n_nms"]
+    irc_p = os.path.join(reaction_dir, "irc.npz")
+    if os.path.exists(irc_p):
+        irc = load_npz(irc_p)
+        n_irc = sum(len(irc_points(irc[b], cfg["n_irc"])) for b in ("forward", "reverse"))
+    else:
+        n_irc = 2 * cfg["n_irc"]
+    return len(STATIONARY) + n_irc + len(STATIONARY) * cfg["n_nms"]
 
 
 def _programs(level: dict[str, Any]) -> str:
