@@ -5,7 +5,9 @@ is V = sum_k omega_k^2 Q_k^2 / 2. Its classical Boltzmann distribution at temper
 every Q_k an independent Gaussian with variance k_B T / omega_k^2, so each mode carries on
 average k_B T / 2 of potential energy. We draw exactly that (one independent Gaussian amplitude
 per real vibrational mode, translations and rotations projected out, soft and imaginary modes
-skipped) and displace R = R0 + M^-1/2 L Q. This is the harmonic-Boltzmann variant of the NMS
+skipped) and displace R = R0 + M^-1/2 L Q. Modes that are rotations in disguise (librations,
+hindered rotations: see :func:`rectilinear_stretch`) can be frozen as well, because a straight
+step along them by their thermal amplitude tears bonds apart. This is the harmonic-Boltzmann variant of the NMS
 used for ANI-1 (which instead splits a random fraction c_k of a total energy between modes).
 
 Units: positions in Angstrom, Hessians in Hartree/Bohr^2, masses in amu, omega^2 in

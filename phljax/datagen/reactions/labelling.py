@@ -96,14 +96,14 @@ def nms_samples(cfg: ReactionConfig, st: ReactionDir, point: str, hessian_record
     still counted in the compute time) and the samples are drawn again.
     """
     out = st.path(f"nms_{point}_samples.npz")
+    cached = load_npz(out) if os.path.exists(out) else None
+    if cached is not None and "frozen" in cached:
+        return cached
     rec = hessian_record
     nm = normal_modes(rec["numbers"], rec["positions"], rec["hessian"])
     stretch = rectilinear_stretch(rec["numbers"], rec["positions"], nm["modes"], nm["omega2"], cfg.temperature)
     frozen = (stretch > cfg.max_rectilinear_stretch) & (nm["freq_cm"] >= cfg.min_freq_cm)
-    if os.path.exists(out):
-        cached = load_npz(out)
-        if "frozen" in cached:
-            return cached
+    if cached is not None:
         if not frozen.any():  # the same draw as the rule makes now
             save_npz(out, **cached, frozen=frozen, rectilinear_stretch=stretch)
             return load_npz(out)
