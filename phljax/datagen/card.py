@@ -236,6 +236,12 @@ def render_reaction_card(
     frozen = [f"{rid} {pt} {', '.join(map(str, f))}" for rid, r in rxns.items()
               for pt, f in r.get("nms_frozen_cm", {}).items()]  # fmt: skip
     frozen_text = f" (here, in cm^-1: {'; '.join(frozen)})" if frozen else ""
+    short = [f"{rid} {b} ({k})" for rid, r in rxns.items() for b, k in r.get("short_irc_branches", {}).items()]
+    short_text = (
+        "; branches that reach their minimum in fewer steps give fewer distinct points: " + ", ".join(short)
+        if short
+        else ""
+    )
     ranges = ""
     if summary.get("label_ranges"):
         rows_r = [
@@ -346,7 +352,7 @@ frequency of the verified TS in cm^-1 (negative = imaginary).
    {cfg.get("endpoint_rmsd")} A RMSD).
 3. IRC: Sella's mass-weighted IRC from the TS both ways (step {cfg.get("irc_dx")} A amu^1/2, at most
    {cfg.get("irc_steps")} steps, to max force {cfg.get("irc_fmax")} eV/A); {cfg.get("n_irc")} points per direction kept,
-   evenly spaced in arc length (the TS itself is in RTP).
+   evenly spaced in arc length (the TS itself is in RTP){short_text}.
 4. NMS: {cfg.get("n_nms")} samples around reactant, product and TS from the classical harmonic
    Boltzmann distribution at {cfg.get("temperature")} K (modes below {cfg.get("min_freq_cm")} cm^-1 and the TS's
    imaginary mode not displaced), seeded by `default_rng([seed, crc32(reaction), crc32(point)])`,

@@ -427,7 +427,10 @@ def _planned(cfg: dict[str, Any] | None, reaction_dir: str, info: dict[str, Any]
     irc_p = os.path.join(reaction_dir, "irc.npz")
     if os.path.exists(irc_p):
         irc = load_npz(irc_p)
-        n_irc = sum(len(irc_points(irc[b], cfg["n_irc"])) for b in ("forward", "reverse"))
+        per_branch = {f"{b} -> {irc[f'end_{b}']}": len(irc_points(irc[b], cfg["n_irc"]))
+                      for b in ("forward", "reverse")}  # fmt: skip
+        info["short_irc_branches"] = {b: k for b, k in per_branch.items() if k < cfg["n_irc"]}
+        n_irc = sum(per_branch.values())
     else:
         n_irc = 2 * cfg["n_irc"]
     return len(STATIONARY) + n_irc + len(STATIONARY) * cfg["n_nms"]
