@@ -186,8 +186,6 @@ data. Switching the labels to grid-response gradients would change the set's lev
 it was not done.
 """
 
-#: planned size of the bundled reaction set (the issue's target)
-
 
 def render_reaction_card(
     summary: dict[str, Any],

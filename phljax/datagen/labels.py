@@ -38,6 +38,11 @@ def is_done(stem: str) -> bool:
     return os.path.exists(stem + ".npz") or os.path.exists(stem + ".rejected.json")
 
 
+def _where(stem: str) -> str:
+    """'<directory>/<stem>' of a cache path, for log lines and rejection records."""
+    return os.path.join(os.path.basename(os.path.dirname(stem)), os.path.basename(stem))
+
+
 def _reject(stem: str, where: str, err: Exception, positions: np.ndarray, **info) -> bool:
     log.warning("REJECT %s: %s", where, err)
     save_json(stem + ".rejected.json", {"where": where, "reason": str(err), "positions": np.asarray(positions), **info})
@@ -65,7 +70,7 @@ def label_hessian(
     Returns:
         True if written, False if rejected (``<stem>.rejected.json`` holds why).
     """
-    where = os.path.join(os.path.basename(os.path.dirname(stem)), os.path.basename(stem))  # <reaction>/<stem>
+    where = _where(stem)
     t0 = time.perf_counter()
     try:
         out = label_geometry(numbers, positions, level)
@@ -140,7 +145,7 @@ def label_hvp(
     Returns:
         True if written, False if rejected.
     """
-    where = os.path.join(os.path.basename(os.path.dirname(stem)), os.path.basename(stem))  # <reaction>/<stem>
+    where = _where(stem)
     t0 = time.perf_counter()
     try:
         out = fd_hvp(numbers, positions, probes, level, step)

@@ -237,14 +237,16 @@ def _run_in_processes(cfg, reactions, cache_dir, work: list[Task], workers: int,
                 if pending and not stopping and _stop_requested(stop, work[pending[0]]):
                     stopping = True
                 busy = {work[i].reaction for i in running.values() if work[i].structure}
-                for i in [] if stopping else list(pending):
-                    if len(running) >= workers:
+                for i in list(pending):
+                    if stopping or len(running) >= workers:
                         break
                     t = work[i]
-                    if (t.reaction not in busy) if t.structure else chain_left[t.reaction] == 0:
+                    ready = t.reaction not in busy if t.structure else chain_left[t.reaction] == 0
+                    if ready:
                         pending.remove(i)
                         running[pool.submit(_worker_run, i)] = i
-                        busy |= {t.reaction} if t.structure else set()
+                        if t.structure:
+                            busy.add(t.reaction)
                         bar.set_description(t.description[:48])
                 if not running:
                     if pending and not stopping:  # cannot happen: a chain's next link is always ready
@@ -339,7 +341,7 @@ def summarize(cache_dir: str) -> dict[str, Any]:
 
     Energies kcal/mol, times seconds, frequencies cm^-1.
     """
-    kcal = 627.5094740631
+    kcal = units.HARTREE / units.KCAL_MOL  # kcal/mol per Hartree
     per: dict[str, Any] = {}
     wall = 0.0
     cfg_path = os.path.join(cache_dir, "config.json")
@@ -395,7 +397,10 @@ def summarize(cache_dir: str) -> dict[str, Any]:
         rejected = [load_json(p) for p in sorted(glob.glob(os.path.join(d, "*.rejected.json")))]
         info["failures"] = [f"{f['stage']}: {f['reason']}" for f in fails]
         info["rejected"] = [f"{os.path.basename(r['where'])}: {r['reason']}" for r in rejected]
-        info["n_planned"] = _planned(cfg, d, info)
+        irc_yield = _irc_yield(cfg, d)
+        if irc_yield is not None:
+            info["short_irc_branches"] = {b: k for b, k in irc_yield.items() if k < cfg["n_irc"]}
+        info["n_planned"] = _planned(cfg, info, irc_yield)
         fd = [float(load_npz(p)["fd_rel_error"]) for p in glob.glob(os.path.join(d, "rtp_*.npz"))
               if "fd_rel_error" in np.load(p).files]  # fmt: skip
         if fd:
@@ -419,20 +424,21 @@ def summarize(cache_dir: str) -> dict[str, Any]:
     }
 
 
-def _planned(cfg: dict[str, Any] | None, reaction_dir: str, info: dict[str, Any]) -> int:
+def _irc_yield(cfg: dict[str, Any] | None, reaction_dir: str) -> dict[str, int] | None:
+    """Distinct IRC points each branch gives ("forward -> product": k); None before the IRC."""
+    irc_p = os.path.join(reaction_dir, "irc.npz")
+    if cfg is None or not os.path.exists(irc_p):
+        return None
+    irc = load_npz(irc_p)
+    return {f"{b} -> {irc[f'end_{b}']}": len(irc_points(irc[b], cfg["n_irc"])) for b in ("forward", "reverse")}
+
+
+def _planned(cfg: dict[str, Any] | None, info: dict[str, Any], irc_yield: dict[str, int] | None) -> int:
     """Labelled geometries a finished run gives this reaction: 3 RTP, the IRC points its branches
     yield (2 n_irc before the IRC exists), 3 n_nms NMS; a failed reaction, what it has."""
     if info["failures"] or cfg is None:
         return info["n_rtp"] + info["n_irc"] + info["n_nms"]
-    irc_p = os.path.join(reaction_dir, "irc.npz")
-    if os.path.exists(irc_p):
-        irc = load_npz(irc_p)
-        per_branch = {f"{b} -> {irc[f'end_{b}']}": len(irc_points(irc[b], cfg["n_irc"]))
-                      for b in ("forward", "reverse")}  # fmt: skip
-        info["short_irc_branches"] = {b: k for b, k in per_branch.items() if k < cfg["n_irc"]}
-        n_irc = sum(per_branch.values())
-    else:
-        n_irc = 2 * cfg["n_irc"]
+    n_irc = sum(irc_yield.values()) if irc_yield is not None else 2 * cfg["n_irc"]
     return len(STATIONARY) + n_irc + len(STATIONARY) * cfg["n_nms"]
 
 
