@@ -7,6 +7,8 @@
     python experiments/make_dataset.py --reactions data/reactions/hcn_hnc.xyz --out runs/hcn --cache runs/hcn/cache
     # Hessian-free labels: 4 Gaussian probes and finite-difference HVPs per geometry
     python experiments/make_dataset.py --labels hvp --num-probes 4 --out runs/hvp --cache runs/hvp/cache
+    # share one job out: a second machine labels rounds 11-20 (copy its cache files back after)
+    python experiments/make_dataset.py --workers 16 --rounds 11-20
     # stop a running job after the task in flight (nothing lost): touch <cache>/STOP
     # write the HDF5 files and data card from what the cache holds now (partial is fine):
     python experiments/make_dataset.py --assemble
@@ -60,6 +62,9 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=1,
                    help="processes labelling at once, OMP_NUM_THREADS // workers threads each; PySCF's OpenMP "
                         "scales poorly on molecules this small, so use one worker per core")  # fmt: skip
+    p.add_argument("--rounds", type=_rounds, default=None, metavar="FIRST-LAST",
+                   help="label only these rounds (1-based, inclusive); a round is one IRC point per branch and "
+                        "one NMS sample per stationary point of every reaction")  # fmt: skip
     p.add_argument("--label-cost", default=None,
                    help="measured labelling costs for the data card (from experiments/label_cost.py; default: "
                         "the bundled set's, data/dft_cache/label_cost.json, with the default --cache)")  # fmt: skip
@@ -88,7 +93,8 @@ def main(argv=None) -> dict:
             if unknown:
                 raise SystemExit(f"--only: unknown reaction ids {sorted(unknown)}")
             rxns = [r for r in rxns if r.id in wanted]
-        reactions.run(cfg, rxns, args.cache, progress=not args.no_progress, workers=args.workers)
+        reactions.run(cfg, rxns, args.cache, progress=not args.no_progress, workers=args.workers,
+                      rounds=args.rounds)  # fmt: skip
     summary = reactions.assemble(args.cache, args.out, args.prefix)
     from phljax.datagen.card import render_reaction_card
 
@@ -99,6 +105,14 @@ def main(argv=None) -> dict:
         f.write(render_reaction_card(summary, args.prefix, cost, checks))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1, default=str))
     return summary
+
+
+def _rounds(text: str) -> tuple[int, int]:
+    first, _, last = text.partition("-")
+    try:
+        return int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST (e.g. 11-20), got {text!r}") from None
 
 
 if __name__ == "__main__":

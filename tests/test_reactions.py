@@ -148,6 +148,22 @@ def test_resume_after_interruption(cache, tmp_path):
     np.testing.assert_allclose(a["energy"], b["energy"], atol=1e-8)
 
 
+def test_rounds_label_only_their_round_in_workers(cache, tmp_path):
+    """`--rounds 2-2` with worker processes labels round 2 and nothing of round 1 (each worker
+    must build the parent's task list; a worker holding another list runs other tasks)."""
+    d, _ = cache
+    copy = str(tmp_path / "copy")
+    shutil.copytree(d, copy)
+    one, two = ["nms_ts_001.npz", "irc_reverse_01.npz"], ["nms_ts_002.npz", "nms_product_002.npz", "irc_forward_02.npz"]
+    for f in one + two:
+        os.remove(os.path.join(copy, "hcn_hnc", f))
+    reactions.run(CFG, reactions.read_reactions([HCN]), copy, progress=False, workers=2, rounds=(2, 2))
+    for f in two:
+        assert os.path.exists(os.path.join(copy, "hcn_hnc", f)), f
+    for f in one:
+        assert not os.path.exists(os.path.join(copy, "hcn_hnc", f)), f
+
+
 def test_worker_processes_make_the_same_data(cache, tmp_path):
     """workers=2: spawned processes, each reaction's structure chain in order, labels two at a time.
     The data equal the one-process run's, and the workers' log records reach the parent's handlers."""
@@ -391,6 +407,14 @@ def test_label_rounds_cover_every_category(tmp_path):
     ]  # fmt: skip
     assert first_round[5].startswith("hcn_hnc_copy: IRC forward point 1")
     assert len(names) == structure_work + 2 * (2 * CFG.n_irc + 3 * CFG.n_nms)
+
+    # rounds=(first, last) keeps the structure work and only those label rounds, in the same order
+    last = max(CFG.n_irc, CFG.n_nms)
+    late = [t.description for t in reactions.tasks(CFG, [rx, other], str(tmp_path), rounds=(2, last))]
+    assert late[:structure_work] == names[:structure_work]
+    assert late[structure_work:] == names[structure_work + 2 * 5 :]
+    with pytest.raises(ValueError, match="rounds"):
+        reactions.run(CFG, [rx], str(tmp_path), progress=False, rounds=(2, 1))
 
 
 @pytest.mark.parametrize("workers", [1, 2])

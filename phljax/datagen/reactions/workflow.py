@@ -45,7 +45,9 @@ class Task(NamedTuple):
     run: Callable[[], Any]
 
 
-def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) -> Iterator[Task]:
+def tasks(
+    cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str, rounds: tuple[int, int] | None = None
+) -> Iterator[Task]:
     """The work as a fixed, ordered list of :class:`Task` (the same for the same arguments).
 
     Order: the structure work of one reaction after another (optimise reactant and product,
@@ -53,7 +55,12 @@ def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) ->
     the labels in rounds: round k labels, for every reaction, IRC point k of both branches and
     NMS sample k around reactant, product and TS, so a partial cache covers every reaction and
     every category. A thunk whose prerequisite failed does nothing.
+
+    ``rounds=(first, last)`` keeps only label rounds ``first..last`` (1-based, inclusive; the
+    structure work is always included): machines that share out one job label disjoint rounds
+    into caches that are merged by copying their files.
     """
+    first, last = rounds or (1, max(cfg.n_irc, cfg.n_nms))
     stages = [ReactionDir(cache_dir, r) for r in reactions]
     for st in stages:
         rid = st.rxn.id
@@ -80,7 +87,7 @@ def tasks(cfg: ReactionConfig, reactions: Sequence[Reaction], cache_dir: str) ->
 
         yield Task(f"{rid}: transition state", rid, True, run_ts)
         yield Task(f"{rid}: IRC", rid, True, lambda st=st: os.path.exists(st.path("ts.npz")) and irc_stage(cfg, st))
-    for k in range(max(cfg.n_irc, cfg.n_nms)):
+    for k in range(first - 1, min(last, max(cfg.n_irc, cfg.n_nms))):
         for st in stages:
             if k < cfg.n_irc:
                 for direction in ("forward", "reverse"):
@@ -145,6 +152,7 @@ def run(
     cache_dir: str,
     progress: bool = True,
     workers: int = 1,
+    rounds: tuple[int, int] | None = None,
 ) -> dict:
     """Run (or resume) the whole pipeline; returns :func:`summarize` of the cache.
 
@@ -160,12 +168,16 @@ def run(
             still run one after another, and its label tasks start once they are all done. For
             molecules this small PySCF's OpenMP scales poorly, so labelling several geometries
             at once gets more out of the cores (see ``--workers`` of ``experiments/make_dataset.py``).
+        rounds: ``(first, last)``: label only these rounds (see :func:`tasks`).
 
     Raises:
-        ValueError: if ``cache_dir`` was made with another configuration, or ``workers < 1``.
+        ValueError: if ``cache_dir`` was made with another configuration, ``workers < 1``, or
+            ``rounds`` is not ``1 <= first <= last``.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if rounds is not None and not 1 <= rounds[0] <= rounds[1]:
+        raise ValueError(f"rounds must be (first, last) with 1 <= first <= last, got {rounds}")
     os.makedirs(cache_dir, exist_ok=True)
     cfg_path = os.path.join(cache_dir, "config.json")
     if os.path.exists(cfg_path):
@@ -179,7 +191,7 @@ def run(
     for r in reactions:
         save_json(os.path.join(cache_dir, f"{r.id}.reaction.json"), {"id": r.id, "comment": r.comment,
                   "path": r.path, "numbers": r.numbers, "reactant": r.reactant, "product": r.product})  # fmt: skip
-    work = list(tasks(cfg, reactions, cache_dir))
+    work = list(tasks(cfg, reactions, cache_dir, rounds))
     log.info("run: %d reactions, %d tasks, %d worker(s), cache %s", len(reactions), len(work), workers, cache_dir)
     from tqdm import tqdm
 
@@ -194,7 +206,7 @@ def run(
                 task.run()
                 bar.update()
         else:
-            _run_in_processes(cfg, reactions, cache_dir, work, workers, bar, stop)
+            _run_in_processes(cfg, reactions, cache_dir, rounds, work, workers, bar, stop)
     return summarize(cache_dir)
 
 
@@ -206,7 +218,7 @@ def _stop_requested(stop: str, next_task: Task) -> bool:
     return True
 
 
-def _run_in_processes(cfg, reactions, cache_dir, work: list[Task], workers: int, bar, stop: str) -> None:
+def _run_in_processes(cfg, reactions, cache_dir, rounds, work: list[Task], workers: int, bar, stop: str) -> None:
     """Run ``work`` in ``workers`` spawned processes, in list order as far as dependencies allow.
 
     A task is ready when it is a structure task of a reaction with no structure task running (the
@@ -231,8 +243,8 @@ def _run_in_processes(cfg, reactions, cache_dir, work: list[Task], workers: int,
     stopping = False
     listener.start()
     try:
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                    initargs=(cfg, list(reactions), cache_dir, records, threads)) as pool:  # fmt: skip
+        init = (cfg, list(reactions), cache_dir, rounds, records, threads)
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=init) as pool:
             while pending or running:
                 if pending and not stopping and _stop_requested(stop, work[pending[0]]):
                     stopping = True
@@ -244,7 +256,7 @@ def _run_in_processes(cfg, reactions, cache_dir, work: list[Task], workers: int,
                     ready = t.reaction not in busy if t.structure else chain_left[t.reaction] == 0
                     if ready:
                         pending.remove(i)
-                        running[pool.submit(_worker_run, i)] = i
+                        running[pool.submit(_worker_run, i, t.description)] = i
                         if t.structure:
                             busy.add(t.reaction)
                         bar.set_description(t.description[:48])
@@ -271,7 +283,7 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _WORKER_TASKS: list[Task] = []
 
 
-def _worker_init(cfg, reactions, cache_dir, records, threads) -> None:
+def _worker_init(cfg, reactions, cache_dir, rounds, records, threads) -> None:
     """In a worker process: log to the parent's handlers, set the threads, build the task list."""
     from logging.handlers import QueueHandler
 
@@ -281,11 +293,14 @@ def _worker_init(cfg, reactions, cache_dir, records, threads) -> None:
     from pyscf import lib
 
     lib.num_threads(threads)
-    _WORKER_TASKS[:] = tasks(cfg, reactions, cache_dir)
+    _WORKER_TASKS[:] = tasks(cfg, reactions, cache_dir, rounds)
 
 
-def _worker_run(index: int) -> None:
-    _WORKER_TASKS[index].run()
+def _worker_run(index: int, description: str) -> None:
+    task = _WORKER_TASKS[index]
+    if task.description != description:  # the worker's list must be the parent's
+        raise RuntimeError(f"worker task {index} is {task.description!r}, the parent's is {description!r}")
+    task.run()
 
 
 def cached_records(cache_dir: str, category: str | None = None) -> list[dict[str, Any]]:
