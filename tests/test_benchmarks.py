@@ -1,23 +1,12 @@
 """The benchmark scripts' pure helpers (no timing: timings live in benchmarks/, never in tests)."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_loader import load_script
 
 
 def test_synthetic_molecule_density_and_separation():
-    tc = _load("training_cost")
+    tc = load_script("benchmarks", "training_cost")
     m = tc.synthetic_molecule(40, seed=3)
     d = np.linalg.norm(m.positions[:, None] - m.positions[None], axis=-1)
     assert m.positions.shape == (40, 3) and m.hessian.shape == (40, 3, 40, 3)
@@ -27,7 +16,7 @@ def test_synthetic_molecule_density_and_separation():
 
 
 def test_tables_report_ratios_and_failures():
-    tc = _load("training_cost")
+    tc = load_script("benchmarks", "training_cost")
     base = {"n_atoms": 14, "batch_size": 8, "compile_time_s": 1.0, "n_compiles": 1, "peak_rss_bytes": 2**30}
     records = [
         {**base, "scheme": "E-F", "num_probes": 0, "step_time_s": 0.1, "peak_bytes": 2**20},
@@ -54,7 +43,7 @@ def test_tables_report_ratios_and_failures():
 
 def test_default_args_are_the_command_lines_defaults():
     """peer_mace runs training_cost's workers with these; a misspelt option must not pass silently."""
-    tc = _load("training_cost")
+    tc = load_script("benchmarks", "training_cost")
     args = tc.default_args(large=10**9, timeout=5.0)
     assert (args.large, args.timeout, args.remat, args.compile_only) == (10**9, 5.0, "none", False)
     assert vars(args).keys() == vars(tc.build_parser().parse_args([])).keys()

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from script_loader import load_script
 
 from phljax.datagen.dft import HessianCheckError, hessian_checks, validate_hessian
 from phljax.datagen.dispersion import (
@@ -340,25 +341,15 @@ def test_pipeline_resumes_and_assembles(tmp_path, monkeypatch):
     assert os.path.getsize(out) > 0
 
 
-def _experiment(name):
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_derivative_check_scripts_at_a_cheap_level():
     """label_cost.py and check_derivatives.py measure what their tables say (HF/STO-3G, seconds)."""
     from phljax.datagen.dft import LevelOfTheory
 
     level = LevelOfTheory(xc="hf", basis="sto-3g", grid_level=0, conv_tol=1e-11, dispersion=False)
-    cost = _experiment("label_cost").measure("H2O", level, num_probes=2, step=5e-3, seed=0)
+    cost = load_script("experiments", "label_cost").measure("H2O", level, num_probes=2, step=5e-3, seed=0)
     assert cost["n_atoms"] == 3 and cost["hessian_s"] > 0 and cost["hvp_s"] > 0
     assert cost["fd_rel_error"] < 1e-4  # HF: analytic Hessian and gradients are consistent
-    cd = _experiment("check_derivatives")
+    cd = load_script("experiments", "check_derivatives")
     scan = cd.step_scan("H2O", level, num_probes=2, steps=[2e-3, 2e-2], seed=0)
     assert scan["fd_rel_error"][0] < scan["fd_rel_error"][1]  # O(h^2) truncation shows at 2e-2
     grads = cd.gradient_check("H2O", level, seed=0)

@@ -387,9 +387,12 @@ forward direction follows the arbitrary sign of the TS mode).
 
 ## Compute
 
-{summary["compute_s"] / 3600:.2f} h so far: the sum of every calculation's wall time on a 2-core machine (`nice -n 10`,
-shared with other jobs, so an upper bound). With `--workers N`, N calculations run at once, so the
-elapsed time is shorter than this sum.
+{summary["compute_s"] / 3600:.2f} h so far: the sum of every calculation's wall time, each on the one or two cores its
+worker had (on machines shared with other jobs, so an upper bound). With `--workers N`, N
+calculations run at once, so the elapsed time is shorter than this sum. Labels of one cache can
+come from several machines (`--rounds` shares out a job; the level and program versions above are
+read from the labels): the cache's `log.txt` logs its own runs, and labels copied in from another
+machine come with their log as `log.<machine>-<date>.txt`.
 {cost}
 ## Regenerate
 
