@@ -164,6 +164,40 @@ def test_rounds_label_only_their_round_in_workers(cache, tmp_path):
         assert not os.path.exists(os.path.join(copy, "hcn_hnc", f)), f
 
 
+def test_a_killed_worker_process_is_replaced(cache, tmp_path):
+    """A worker killed from outside (or by the OOM killer) breaks the pool: its task is logged and
+    run again by new workers, and the run finishes with all the data."""
+    import logging
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    d, summary = cache
+    copy = str(tmp_path / "copy")
+    shutil.copytree(d, copy)
+    for point in ("reactant", "product", "ts"):
+        os.remove(os.path.join(copy, "hcn_hnc", f"nms_{point}_002.npz"))
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("phljax.datagen").addHandler(handler)
+    out = {}
+    job = threading.Thread(target=lambda: out.update(s=reactions.run(CFG, reactions.read_reactions([HCN]), copy,
+                                                                     progress=False, workers=2)))  # fmt: skip
+    try:
+        job.start()
+        deadline = time.monotonic() + 120
+        while not multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+        job.join(300)
+    finally:
+        logging.getLogger("phljax.datagen").removeHandler(handler)
+    assert any("worker process died" in m and "new workers take over" in m for m in messages), messages
+    assert out["s"]["n_geometries"] == summary["n_geometries"]
+
+
 def test_worker_processes_make_the_same_data(cache, tmp_path):
     """workers=2: spawned processes, each reaction's structure chain in order, labels two at a time.
     The data equal the one-process run's, and the workers' log records reach the parent's handlers."""

@@ -224,7 +224,9 @@ def _run_in_processes(cfg, reactions, cache_dir, rounds, work: list[Task], worke
     A task is ready when it is a structure task of a reaction with no structure task running (the
     earliest pending one of its reaction is then the one taken, as the list is scanned in order), or
     a label task of a reaction whose structure tasks have all finished. A worker's exception
-    ends the run after the tasks in flight finish (their results are cached).
+    ends the run after the tasks in flight finish (their results are cached). A worker process
+    that dies (killed from outside, out of memory) breaks the pool: the tasks in flight are logged
+    and queued again in new workers, up to ``_MAX_RESTARTS`` times per run.
     """
     import concurrent.futures as cf
     import multiprocessing
@@ -237,39 +239,25 @@ def _run_in_processes(cfg, reactions, cache_dir, rounds, work: list[Task], worke
     # spawned workers read the thread counts from the environment when numpy and PySCF load
     saved = {k: os.environ.get(k) for k in _THREAD_VARS}
     os.environ.update({k: str(threads) for k in _THREAD_VARS})
-    chain_left = collections.Counter(t.reaction for t in work if t.structure)
-    pending = list(range(len(work)))
-    running: dict[cf.Future, int] = {}
-    stopping = False
+    queue = _Queue(work)
+    restarts = 0
     listener.start()
     try:
         init = (cfg, list(reactions), cache_dir, rounds, records, threads)
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=init) as pool:
-            while pending or running:
-                if pending and not stopping and _stop_requested(stop, work[pending[0]]):
-                    stopping = True
-                busy = {work[i].reaction for i in running.values() if work[i].structure}
-                for i in list(pending):
-                    if stopping or len(running) >= workers:
-                        break
-                    t = work[i]
-                    ready = t.reaction not in busy if t.structure else chain_left[t.reaction] == 0
-                    if ready:
-                        pending.remove(i)
-                        running[pool.submit(_worker_run, i, t.description)] = i
-                        if t.structure:
-                            busy.add(t.reaction)
-                        bar.set_description(t.description[:48])
-                if not running:
-                    if pending and not stopping:  # cannot happen: a chain's next link is always ready
-                        raise RuntimeError(f"no task ready of {len(pending)} pending")
-                    break
-                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for future in finished:
-                    t = work[running.pop(future)]
-                    future.result()  # re-raises a worker's exception
-                    chain_left[t.reaction] -= t.structure
-                    bar.update()
+        while True:
+            try:
+                with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=init) as pool:
+                    while queue.submit_ready(pool, workers, stop, bar):
+                        queue.collect(bar)
+                return
+            except cf.process.BrokenProcessPool:
+                restarts += 1
+                lost = queue.requeue_running()
+                log.error("run: a worker process died (killed, or out of memory) during %s; %s",
+                          ", ".join(repr(work[i].description) for i in lost) or "its start",
+                          "new workers take over" if restarts <= _MAX_RESTARTS else "stopping")  # fmt: skip
+                if restarts > _MAX_RESTARTS:
+                    raise
     finally:
         for k, v in saved.items():
             if v is None:
@@ -280,6 +268,60 @@ def _run_in_processes(cfg, reactions, cache_dir, rounds, work: list[Task], worke
 
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_MAX_RESTARTS = 3  # worker pools replaced per run after a worker process died
+
+
+class _Queue:
+    """The scheduler's state, kept across worker pools: the tasks waiting (indices into ``work``,
+    in list order), those running, and how many structure tasks each reaction still needs."""
+
+    def __init__(self, work: list[Task]):
+        self.work = work
+        self.pending = list(range(len(work)))
+        self.running: dict[Any, int] = {}  # future -> index
+        self.chain_left = collections.Counter(t.reaction for t in work if t.structure)
+        self.stopping = False
+
+    def submit_ready(self, pool, workers: int, stop: str, bar) -> bool:
+        """Submit ready tasks up to ``workers`` running; False once nothing runs (done or stopped)."""
+        if self.pending and not self.stopping and _stop_requested(stop, self.work[self.pending[0]]):
+            self.stopping = True
+        busy = {self.work[i].reaction for i in self.running.values() if self.work[i].structure}
+        for i in list(self.pending):
+            if self.stopping or len(self.running) >= workers:
+                break
+            t = self.work[i]
+            ready = t.reaction not in busy if t.structure else self.chain_left[t.reaction] == 0
+            if ready:
+                self.running[pool.submit(_worker_run, i, t.description)] = i
+                self.pending.remove(i)
+                if t.structure:
+                    busy.add(t.reaction)
+                bar.set_description(t.description[:48])
+        if not self.running and self.pending and not self.stopping:  # a chain's next link is always ready
+            raise RuntimeError(f"no task ready of {len(self.pending)} pending")
+        return bool(self.running)
+
+    def collect(self, bar) -> None:
+        """Wait for a running task to finish; re-raise its exception."""
+        import concurrent.futures as cf
+
+        finished, _ = cf.wait(self.running, return_when=cf.FIRST_COMPLETED)
+        for future in finished:
+            future.result()
+            t = self.work[self.running.pop(future)]
+            self.chain_left[t.reaction] -= t.structure
+            bar.update()
+
+    def requeue_running(self) -> list[int]:
+        """After the pool broke: the tasks that were running wait again (a finished one is skipped,
+        as its result is cached). Returns them."""
+        lost = sorted(self.running.values())
+        self.pending = sorted(self.pending + lost)
+        self.running.clear()
+        return lost
+
+
 _WORKER_TASKS: list[Task] = []
 
 
