@@ -108,11 +108,13 @@ def main(argv=None) -> dict:
 
 
 def _rounds(text: str) -> tuple[int, int]:
-    first, _, last = text.partition("-")
-    try:
-        return int(first), int(last or first)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected FIRST-LAST (e.g. 11-20), got {text!r}") from None
+    """``FIRST-LAST`` or ``N`` -> ``(first, last)``, 1-based and inclusive."""
+    parts = text.split("-")
+    if len(parts) <= 2 and all(p.isdigit() for p in parts):
+        first, last = int(parts[0]), int(parts[-1])
+        if 1 <= first <= last:
+            return first, last
+    raise argparse.ArgumentTypeError(f"expected FIRST-LAST with 1 <= FIRST <= LAST (e.g. 11-20), got {text!r}")
 
 
 if __name__ == "__main__":

@@ -164,6 +164,18 @@ def test_rounds_label_only_their_round_in_workers(cache, tmp_path):
         assert not os.path.exists(os.path.join(copy, "hcn_hnc", f)), f
 
 
+def test_rounds_argument_of_make_dataset():
+    import argparse
+
+    from script_loader import load_script
+
+    parse = load_script("experiments", "make_dataset")._rounds
+    assert parse("11-20") == (11, 20) and parse("7") == (7, 7)
+    for bad in ("5-3", "0-2", "x", "3-"):
+        with pytest.raises(argparse.ArgumentTypeError, match="FIRST-LAST"):
+            parse(bad)
+
+
 def test_a_killed_worker_process_is_replaced(cache, tmp_path):
     """A worker killed from outside (or by the OOM killer) breaks the pool: its task is logged and
     run again by new workers, and the run finishes with all the data."""
