@@ -7,7 +7,8 @@
     python experiments/make_dataset.py --reactions data/reactions/hcn_hnc.xyz --out runs/hcn --cache runs/hcn/cache
     # Hessian-free labels: 4 Gaussian probes and finite-difference HVPs per geometry
     python experiments/make_dataset.py --labels hvp --num-probes 4 --out runs/hvp --cache runs/hvp/cache
-    # share one job out: a second machine labels rounds 11-20 (copy its cache files back after)
+    # share one job out: a second machine labels rounds 11-20 (experiments/label_rounds.sh packs
+    # the cache files it makes, to be merged back)
     python experiments/make_dataset.py --workers 16 --rounds 11-20
     # stop a running job after the task in flight (nothing lost): touch <cache>/STOP
     # write the HDF5 files and data card from what the cache holds now (partial is fine):

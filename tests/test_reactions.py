@@ -503,6 +503,7 @@ def test_one_command_regenerates_one_reaction(tmp_path):
     (spawned from the script as __main__): three HDF5 files and a complete data card."""
     import subprocess
     import sys
+    import tarfile
 
     out = tmp_path / "hcn"
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "make_dataset.py"), "--reactions", HCN,
@@ -513,3 +514,18 @@ def test_one_command_regenerates_one_reaction(tmp_path):
     assert counts == {"RTP": 3, "IRC": 2, "NMS": 3}
     card = (out / "chon_reactions.DATA_CARD.md").read_text()
     assert "Status: **complete**" in card and "hcn_hnc" in card
+
+    # experiments/label_rounds.sh (a second machine's share): it labels round 1 again once its
+    # files are gone, stops, and packs exactly those files to be merged back
+    rxn_dir = out / "cache" / "hcn_hnc"
+    made = sorted(p.name for pat in ("irc_*_[0-9][0-9].npz", "nms_*_[0-9][0-9][0-9].npz") for p in rxn_dir.glob(pat))
+    assert len(made) == 2 + 3
+    for name in made:
+        (rxn_dir / name).unlink()
+    tar = tmp_path / "share" / "labels.tar"
+    script = os.path.join(ROOT, "experiments", "label_rounds.sh")
+    subprocess.run(["bash", script, "1", "600", "2", str(tar), *cmd[2:-3]], check=True, capture_output=True,
+                   env={**os.environ, "PYTHON": sys.executable}, timeout=900)  # fmt: skip
+    with tarfile.open(tar) as f:
+        assert sorted(os.path.basename(n) for n in f.getnames()) == made
+    assert (tmp_path / "share" / "labels.log").read_text().count(" labelled ") == len(made)
