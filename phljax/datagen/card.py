@@ -258,7 +258,7 @@ def render_reaction_card(
         frozen_text += (f". {n_stale} labels of samples drawn before this rule are kept in the cache as "
                         "`stale_*` and are not in the files")  # fmt: skip
     d_shell = "Cartesian" if level.get("cart") else "spherical"
-    programs = "; ".join(summary.get("programs") or ["PySCF"])
+    programs = ", ".join(summary.get("programs") or ["PySCF"])
     disp_word = "" if level.get("dispersion", True) else " NOT"
     rejected = [f"{rid}: {x}" for rid, r in rxns.items() for x in r["rejected"]]
     n_rej = len(rejected)

@@ -403,7 +403,7 @@ def summarize(cache_dir: str) -> dict[str, Any]:
     wall = 0.0
     cfg_path = os.path.join(cache_dir, "config.json")
     cfg = load_json(cfg_path) if os.path.exists(cfg_path) else None
-    programs: set[str] = set()  # the program versions that made the labels, from each label's record
+    versions = collections.defaultdict(set)  # program -> the versions that made labels (from their records)
     # per category: energy above the reaction's optimised reactant, largest force component
     spread = {c: {"energy_kcal": [], "max_force_eV_A": []} for c in CATEGORIES}
     ev_per_ha_bohr = units.HARTREE / units.BOHR
@@ -421,7 +421,8 @@ def summarize(cache_dir: str) -> dict[str, Any]:
             cat = str(rec["category"])
             info[f"n_{cat}"] += 1
             wall += float(rec["wall_total"])
-            programs.add(_programs(json.loads(str(rec["level"]))))
+            for program, version in _programs(json.loads(str(rec["level"]))):
+                versions[program].add(version)
             if e_ref is not None:
                 spread[cat]["energy_kcal"].append((float(rec["energy"]) - e_ref) * kcal)
             spread[cat]["max_force_eV_A"].append(float(np.abs(rec["gradient"]).max()) * ev_per_ha_bohr)
@@ -472,7 +473,7 @@ def summarize(cache_dir: str) -> dict[str, Any]:
         "n_rejected": sum(len(v["rejected"]) for v in per.values()),
         "n_failed_reactions": sum(bool(v["failures"]) for v in per.values()),
         "compute_s": wall,
-        "programs": sorted(programs),
+        "programs": [f"{p} {' / '.join(sorted(versions[p]))}" for p, _ in _PROGRAMS if p in versions],
         "label_ranges": {
             c: {k: [float(np.min(v)), float(np.median(v)), float(np.max(v))] for k, v in q.items() if v}
             for c, q in spread.items()
@@ -499,10 +500,13 @@ def _planned(cfg: dict[str, Any] | None, info: dict[str, Any], irc_yield: dict[s
     return len(STATIONARY) + n_irc + len(STATIONARY) * cfg["n_nms"]
 
 
-def _programs(level: dict[str, Any]) -> str:
-    """'PySCF 2.14.0, libxc 7.0.0' from a label's recorded level of theory."""
-    names = (("pyscf_version", "PySCF"), ("libxc_version", "libxc"), ("geometric_version", "geomeTRIC"))
-    return ", ".join(f"{name} {level[k]}" for k, name in names if k in level)
+_PROGRAMS = (("PySCF", "pyscf_version"), ("libxc", "libxc_version"), ("geomeTRIC", "geometric_version"))
+
+
+def _programs(level: dict[str, Any]) -> list[tuple[str, str]]:
+    """[("PySCF", "2.14.0"), ("libxc", "7.0.0"), ...] from a label's recorded level of theory (a
+    label made where geomeTRIC is not installed records no geomeTRIC version)."""
+    return [(name, level[key]) for name, key in _PROGRAMS if key in level]
 
 
 def cached_records_of(reaction_dir: str) -> Iterator[dict[str, Any]]:
