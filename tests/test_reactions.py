@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 import shutil
 
@@ -51,6 +52,27 @@ def cache(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("rxn_cache"))
     summary = reactions.run(CFG, reactions.read_reactions([HCN]), d, progress=False)
     return d, summary
+
+
+def _copy_without(cache_dir: str, tmp_path, names: list[str]) -> str:
+    """A copy of the module's cache without some of hcn_hnc's files (as if never made)."""
+    copy = str(tmp_path / "copy")
+    shutil.copytree(cache_dir, copy)
+    for f in names:
+        os.remove(os.path.join(copy, "hcn_hnc", f))
+    return copy
+
+
+@pytest.fixture
+def datagen_log():
+    """The messages logged to phljax.datagen during the test (worker processes' records included)."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("phljax.datagen")
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)
 
 
 def test_pipeline_end_to_end(cache):
@@ -131,11 +153,8 @@ def test_resume_recomputes_nothing(cache, monkeypatch):
 def test_resume_after_interruption(cache, tmp_path):
     """Delete the last labelled geometries (as if killed before them): only those are recomputed."""
     d, summary = cache
-    copy = str(tmp_path / "copy")
-    shutil.copytree(d, copy)
     removed = ["nms_ts_002.npz", "nms_product_002.npz"]
-    for f in removed:
-        os.remove(os.path.join(copy, "hcn_hnc", f))
+    copy = _copy_without(d, tmp_path, removed)
     before = {f: os.path.getmtime(os.path.join(copy, "hcn_hnc", f)) for f in os.listdir(os.path.join(copy, "hcn_hnc"))}
     again = reactions.run(CFG, reactions.read_reactions([HCN]), copy, progress=False)
     assert again["n_geometries"] == summary["n_geometries"]
@@ -151,12 +170,8 @@ def test_resume_after_interruption(cache, tmp_path):
 def test_rounds_label_only_their_round_in_workers(cache, tmp_path):
     """`--rounds 2-2` with worker processes labels round 2 and nothing of round 1 (each worker
     must build the parent's task list; a worker holding another list runs other tasks)."""
-    d, _ = cache
-    copy = str(tmp_path / "copy")
-    shutil.copytree(d, copy)
     one, two = ["nms_ts_001.npz", "irc_reverse_01.npz"], ["nms_ts_002.npz", "nms_product_002.npz", "irc_forward_02.npz"]
-    for f in one + two:
-        os.remove(os.path.join(copy, "hcn_hnc", f))
+    copy = _copy_without(cache[0], tmp_path, one + two)
     reactions.run(CFG, reactions.read_reactions([HCN]), copy, progress=False, workers=2, rounds=(2, 2))
     for f in two:
         assert os.path.exists(os.path.join(copy, "hcn_hnc", f)), f
@@ -176,55 +191,34 @@ def test_rounds_argument_of_make_dataset():
             parse(bad)
 
 
-def test_a_killed_worker_process_is_replaced(cache, tmp_path):
+def test_a_killed_worker_process_is_replaced(cache, tmp_path, datagen_log):
     """A worker killed from outside (or by the OOM killer) breaks the pool: its task is logged and
     run again by new workers, and the run finishes with all the data."""
-    import logging
     import multiprocessing
     import signal
     import threading
     import time
 
     d, summary = cache
-    copy = str(tmp_path / "copy")
-    shutil.copytree(d, copy)
-    for point in ("reactant", "product", "ts"):
-        os.remove(os.path.join(copy, "hcn_hnc", f"nms_{point}_002.npz"))
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("phljax.datagen").addHandler(handler)
+    copy = _copy_without(d, tmp_path, [f"nms_{point}_002.npz" for point in ("reactant", "product", "ts")])
     out = {}
     job = threading.Thread(target=lambda: out.update(s=reactions.run(CFG, reactions.read_reactions([HCN]), copy,
                                                                      progress=False, workers=2)))  # fmt: skip
-    try:
-        job.start()
-        deadline = time.monotonic() + 120
-        while not multiprocessing.active_children() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
-        job.join(300)
-    finally:
-        logging.getLogger("phljax.datagen").removeHandler(handler)
-    assert any("worker process died" in m and "new workers take over" in m for m in messages), messages
+    job.start()
+    deadline = time.monotonic() + 120
+    while not multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+    job.join(300)
+    assert any("worker process died" in m and "new workers take over" in m for m in datagen_log), datagen_log
     assert out["s"]["n_geometries"] == summary["n_geometries"]
 
 
-def test_worker_processes_make_the_same_data(cache, tmp_path):
+def test_worker_processes_make_the_same_data(cache, tmp_path, datagen_log):
     """workers=2: spawned processes, each reaction's structure chain in order, labels two at a time.
     The data equal the one-process run's, and the workers' log records reach the parent's handlers."""
-    import logging
-
     d, summary = cache
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger = logging.getLogger("phljax.datagen")
-    logger.addHandler(handler)
-    try:
-        par = reactions.run(CFG, reactions.read_reactions([HCN]), str(tmp_path), progress=False, workers=2)
-    finally:
-        logger.removeHandler(handler)
+    par = reactions.run(CFG, reactions.read_reactions([HCN]), str(tmp_path), progress=False, workers=2)
     assert par["reactions"]["hcn_hnc"]["failures"] == []
     for key in ("n_rtp", "n_irc", "n_nms"):
         assert par[key] == summary[key]
@@ -238,7 +232,7 @@ def test_worker_processes_make_the_same_data(cache, tmp_path):
     # bends: both can change with the thread count, so those are compared as sets / counts.
     for category in ("rtp", "irc"):
         np.testing.assert_allclose(energies(str(tmp_path), category), energies(d, category), atol=1e-6)
-    assert any(m.startswith("labelled hcn_hnc/nms_") for m in messages), messages[:5]
+    assert any(m.startswith("labelled hcn_hnc/nms_") for m in datagen_log), datagen_log[:5]
     assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
 
 
