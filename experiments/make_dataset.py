@@ -58,6 +58,15 @@ def main(argv=None) -> dict:
     p.add_argument("--basis", default=LevelOfTheory.basis)
     p.add_argument("--grid-level", type=int, default=LevelOfTheory.grid_level)
     p.add_argument("--no-dispersion", action="store_true", help="leave out the CHG damped D2 term")
+    p.add_argument("--max-asym-rel", type=float, default=reactions.ReactionConfig.max_asym_rel,
+                   help="Hessian symmetry check, max|H - H^T| / max|H|; a cache may loosen it (its rejections "
+                        "that pass are labelled again), not tighten it")  # fmt: skip
+    p.add_argument(
+        "--max-sum-rule-rel",
+        type=float,
+        default=reactions.ReactionConfig.max_sum_rule_rel,
+        help="Hessian translational sum-rule check, max|sum_j H_ij| / max|H| (as --max-asym-rel)",
+    )
     p.add_argument("--assemble", action="store_true", help="only write the HDF5 files from the cache")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--workers", type=int, default=1,
@@ -86,6 +95,7 @@ def main(argv=None) -> dict:
         cfg = reactions.ReactionConfig(
             level=level, labels=args.labels, num_probes=args.num_probes, probe_kind=args.probe_kind,
             fd_step=args.fd_step, n_irc=args.n_irc, n_nms=args.n_nms, temperature=args.temperature, seed=args.seed,
+            max_asym_rel=args.max_asym_rel, max_sum_rule_rel=args.max_sum_rule_rel,
         )  # fmt: skip
         rxns = reactions.read_reactions(args.reactions)
         if args.only:

@@ -23,6 +23,7 @@ if importlib.util.find_spec("sella") is None:
 
 from phljax.data import read_h5  # noqa: E402
 from phljax.datagen import dft, labels, reactions  # noqa: E402
+from phljax.datagen.cache import load_json, save_json  # noqa: E402
 from phljax.datagen.card import render_reaction_card  # noqa: E402
 from phljax.datagen.reactions import structure, workflow  # noqa: E402
 
@@ -284,6 +285,36 @@ def test_changed_config_is_refused(cache):
         reactions.run(reactions.ReactionConfig(level=CHEAP, n_nms=3), reactions.read_reactions([HCN]), d)
 
 
+def test_looser_hessian_checks_relabel_only_what_passes_them(cache, tmp_path, datagen_log):
+    """The Hessian-check limits may be loosened on a cache: a geometry rejected by a check it now
+    passes is labelled again (the same label), other rejections stay; tightening is refused."""
+    d, summary = cache
+    copy = _copy_without(d, tmp_path, [])
+    rdir = os.path.join(copy, "hcn_hnc")
+    checks = {"asym_abs": 0.0, "asym_rel": 2e-4, "sum_rule_abs": 0.0, "sum_rule_rel": 1e-3, "max_abs": 1.0}
+    records = {  # as if rejected under max_asym_rel = 1e-4
+        "nms_ts_002": {"reason": "Hessian not symmetric", "checks": checks},  # passes 1e-3
+        "nms_product_002": {"reason": "Hessian not symmetric", "checks": {**checks, "asym_rel": 2e-3}},
+        "nms_reactant_002": {"reason": "SCF not converged"},  # no Hessian, nothing to re-decide
+    }
+    for stem, record in records.items():
+        positions = np.load(os.path.join(rdir, stem + ".npz"))["positions"]
+        os.remove(os.path.join(rdir, stem + ".npz"))
+        save_json(os.path.join(rdir, stem + ".rejected.json"), {"where": stem, "positions": positions, **record})
+    save_json(os.path.join(copy, "config.json"), {**CFG.to_json(), "max_asym_rel": 1e-4})
+
+    again = reactions.run(CFG, reactions.read_reactions([HCN]), copy, progress=False)
+    assert again["n_geometries"] == summary["n_geometries"] - 2
+    assert sorted(f for f in os.listdir(rdir) if f.endswith(".rejected.json")) == [
+        "nms_product_002.rejected.json", "nms_reactant_002.rejected.json"]  # fmt: skip
+    np.testing.assert_allclose(np.load(os.path.join(rdir, "nms_ts_002.npz"))["energy"],
+                               np.load(os.path.join(d, "hcn_hnc", "nms_ts_002.npz"))["energy"], atol=1e-8)  # fmt: skip
+    assert any("looser Hessian checks (max_asym_rel 0.0001 -> 0.001)" in m for m in datagen_log)
+    assert reactions.ReactionConfig.from_json(load_json(os.path.join(copy, "config.json"))) == CFG
+    with pytest.raises(ValueError, match=r"looser Hessian checks than asked for \(max_asym_rel 0.001 -> 0.0001\)"):
+        reactions.run(dataclasses.replace(CFG, max_asym_rel=1e-4), reactions.read_reactions([HCN]), copy)
+
+
 def test_hdf5_round_trip(cache, tmp_path):
     d, summary = cache
     out = reactions.assemble(d, str(tmp_path), "tiny")
@@ -469,27 +500,27 @@ def test_stop_file_ends_the_run_before_the_next_task(tmp_path, workers):
 
 
 def test_bundled_reaction_data_reads_with_its_categories():
-    """The shipped RTP/IRC/NMS files (partial while the DFT job runs) read through phljax's reader,
-    each geometry carrying its file's category, a known reaction and a finite Hessian."""
+    """The shipped RTP/IRC/NMS files (run.py's default data) read through phljax's reader, each
+    geometry carrying its file's category, a known reaction and a finite Hessian; together they
+    hold the issue's 800 geometries or more."""
     import glob
 
     from phljax.data import bundled_path
 
     xyz = glob.glob(os.path.join(ROOT, "data", "reactions", "*.xyz"))
     known = {os.path.splitext(os.path.basename(p))[0] for p in xyz}
+    total = 0
     for cat in ("RTP", "IRC", "NMS"):
-        try:
-            path = bundled_path(f"chon_reactions-{cat}.h5")
-        except FileNotFoundError:
-            assert cat != "RTP"  # RTP comes first; the others once the label rounds have begun
-            continue
+        path = bundled_path(f"chon_reactions-{cat}.h5")
         mols = read_h5(path)
+        total += len(mols)
         assert mols, path
         for m in mols:
             assert m.meta["category"] == cat.lower() and m.meta["reaction"] in known
             n = m.n_atoms
             assert m.hessian.shape == (n, 3, n, 3) and np.isfinite(m.hessian).all()
             assert cat != "IRC" or m.meta["toward"] in ("reactant", "product")
+    assert total >= 800
 
 
 def test_one_command_regenerates_one_reaction(tmp_path):

@@ -371,7 +371,9 @@ frequency of the verified TS in cm^-1 (negative = imaginary).
   energy = E_DFT(XC part) + E_disp, forces and Hessians their exact derivatives; the cache
   keeps the two parts apart.
 - Every analytic Hessian is checked for symmetry (max|H - H^T|/max|H| <= {cfg.get("max_asym_rel")}) and the
-  translational sum rule (max|sum_j H_ij|/max|H| <= {cfg.get("max_sum_rule_rel")}).
+  translational sum rule (max|sum_j H_ij|/max|H| <= {cfg.get("max_sum_rule_rel")}). PySCF's DFT Hessian has no
+  integration-grid response, so both errors come from the grid: a finer grid shrinks them, a tighter
+  CPSCF tolerance does not. The stored Hessians are symmetrised.
 
 ## Files, layout and units
 

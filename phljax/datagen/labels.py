@@ -2,7 +2,8 @@
 
 A labelled geometry is one ``<stem>.npz`` in atomic units (Hartree, Bohr; positions Angstrom);
 a geometry whose SCF or Hessian check fails is ``<stem>.rejected.json`` instead (the reason and
-the geometry), never data. Both count as done, so a resumed run does not retry them.
+the geometry), never data. Both count as done, so a resumed run does not retry them, except
+a Hessian-check rejection that looser limits would pass (:func:`passes_now`).
 :func:`to_molecules` converts cached records to phljax's eV/Angstrom ``Molecule``.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from phljax.datagen.cache import save_json, save_npz
+from phljax.datagen.cache import load_json, save_json, save_npz
 from phljax.datagen.dft import (
     HessianCheckError,
     LevelOfTheory,
@@ -30,12 +31,23 @@ from phljax.datagen.dft import (
 
 log = logging.getLogger("phljax.datagen")
 
-__all__ = ["is_done", "label_hessian", "label_hvp", "make_probes", "to_molecules"]
+__all__ = ["is_done", "label_hessian", "label_hvp", "make_probes", "passes_now", "to_molecules"]
 
 
 def is_done(stem: str) -> bool:
     """Whether ``stem`` was labelled or rejected already."""
     return os.path.exists(stem + ".npz") or os.path.exists(stem + ".rejected.json")
+
+
+def passes_now(stem: str, max_asym_rel: float, max_sum_rule_rel: float) -> bool:
+    """Whether ``stem`` was rejected by the Hessian checks only, with errors within these limits
+    (so, under looser limits than it was rejected by, it is labelled again: the rejection
+    record keeps the checks, not the label)."""
+    path = stem + ".rejected.json"
+    if not os.path.exists(path):
+        return False
+    checks = load_json(path).get("checks")  # present when the Hessian was computed and failed a check
+    return checks is not None and checks["asym_rel"] <= max_asym_rel and checks["sum_rule_rel"] <= max_sum_rule_rel
 
 
 def _where(stem: str) -> str:
@@ -55,7 +67,7 @@ def label_hessian(
     positions: np.ndarray,  # [N, 3] Angstrom
     level: LevelOfTheory,
     extra: dict[str, Any],
-    max_asym_rel: float = 1e-4,
+    max_asym_rel: float = 1e-3,
     max_sum_rule_rel: float = 1e-2,
 ) -> bool:
     """Energy, gradient and checked analytic Hessian of one geometry -> ``<stem>.npz``.
@@ -91,6 +103,8 @@ def label_hessian(
         level=json.dumps(level.describe()),
         **extra,
     )
+    if os.path.exists(stem + ".rejected.json"):  # rejected under tighter limits before
+        os.remove(stem + ".rejected.json")
     log.info(
         "labelled %s: E = %.8f Eh, |g|max = %.2e Eh/a0, sum rule %.1e rel, asym %.1e rel, scf %d cyc, %.1f+%.1f+%.1f s",
         where, out["energy"], np.abs(out["gradient"]).max(), checks["sum_rule_rel"], checks["asym_rel"],

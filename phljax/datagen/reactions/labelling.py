@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from phljax.datagen.cache import load_json, load_npz, save_json, save_npz
-from phljax.datagen.labels import is_done, label_hessian, label_hvp, make_probes
+from phljax.datagen.labels import is_done, label_hessian, label_hvp, make_probes, passes_now
 from phljax.datagen.reactions.spec import Reaction, ReactionConfig
 from phljax.datagen.sampling import normal_modes, rectilinear_stretch, sample_normal_modes
 
@@ -54,8 +54,12 @@ def label_point(
 ) -> dict | None:
     """Label one geometry in the configured way (or with a Hessian if ``force_hessian``)."""
     path = st.path(stem)
-    if not is_done(path):
-        if cfg.labels == "hessian" or force_hessian:
+    hessian = cfg.labels == "hessian" or force_hessian
+    again = hessian and passes_now(path, cfg.max_asym_rel, cfg.max_sum_rule_rel)
+    if again:
+        log.info("%s/%s: rejected under tighter Hessian checks than now; labelling again", st.rxn.id, stem)
+    if not is_done(path) or again:
+        if hessian:
             label_hessian(path, st.rxn.numbers, positions, cfg.level, extra, cfg.max_asym_rel, cfg.max_sum_rule_rel)
         else:
             rng = np.random.default_rng([cfg.seed, zlib.crc32(st.rxn.id.encode()), zlib.crc32(stem.encode())])

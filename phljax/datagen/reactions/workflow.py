@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import json
 import logging
@@ -25,7 +26,7 @@ from phljax.datagen.reactions.labelling import (
     nms_samples,
     stationary_hessian,
 )
-from phljax.datagen.reactions.spec import Reaction, ReactionConfig
+from phljax.datagen.reactions.spec import ACCEPTANCE, Reaction, ReactionConfig
 from phljax.datagen.reactions.structure import irc_points, irc_stage, optimize_stage, ts_stage
 
 log = logging.getLogger("phljax.datagen")
@@ -179,15 +180,7 @@ def run(
     if rounds is not None and not 1 <= rounds[0] <= rounds[1]:
         raise ValueError(f"rounds must be (first, last) with 1 <= first <= last, got {rounds}")
     os.makedirs(cache_dir, exist_ok=True)
-    cfg_path = os.path.join(cache_dir, "config.json")
-    if os.path.exists(cfg_path):
-        old = ReactionConfig.from_json(load_json(cfg_path))
-        if old != cfg:
-            raise ValueError(f"{cfg_path}: the cache was made with another configuration:\n{old}\nnow:\n{cfg}")
-        if set(load_json(cfg_path)) != set(cfg.to_json()):  # a setting added since, at its default
-            save_json(cfg_path, cfg.to_json())
-    else:
-        save_json(cfg_path, cfg.to_json())
+    _check_cache_config(os.path.join(cache_dir, "config.json"), cfg)
     for r in reactions:
         save_json(os.path.join(cache_dir, f"{r.id}.reaction.json"), {"id": r.id, "comment": r.comment,
                   "path": r.path, "numbers": r.numbers, "reactant": r.reactant, "product": r.product})  # fmt: skip
@@ -208,6 +201,28 @@ def run(
         else:
             _run_in_processes(cfg, reactions, cache_dir, rounds, work, workers, bar, stop)
     return summarize(cache_dir)
+
+
+def _check_cache_config(cfg_path: str, cfg: ReactionConfig) -> None:
+    """Refuse to resume a cache made with another configuration, except for looser
+    :data:`ACCEPTANCE` limits; record the configuration the run uses."""
+    if not os.path.exists(cfg_path):
+        save_json(cfg_path, cfg.to_json())
+        return
+    stored = load_json(cfg_path)
+    old = ReactionConfig.from_json(stored)
+    if dataclasses.replace(old, **{k: getattr(cfg, k) for k in ACCEPTANCE}) != cfg:
+        raise ValueError(f"{cfg_path}: the cache was made with another configuration:\n{old}\nnow:\n{cfg}")
+    changed = {k: (getattr(old, k), getattr(cfg, k)) for k in ACCEPTANCE if getattr(old, k) != getattr(cfg, k)}
+    text = ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changed.items())
+    if any(b < a for a, b in changed.values()):
+        raise ValueError(f"{cfg_path}: the cache's labels were accepted under looser Hessian checks than asked for "
+                         f"({text}); use a new cache")  # fmt: skip
+    if changed:
+        log.warning("%s: looser Hessian checks (%s): rejected geometries that pass them are labelled again",
+                    cfg_path, text)  # fmt: skip
+    if changed or set(stored) != set(cfg.to_json()):  # or a setting added since, at its default
+        save_json(cfg_path, cfg.to_json())
 
 
 def _stop_requested(stop: str, next_task: Task) -> bool:
