@@ -4,7 +4,8 @@
     python experiments/run.py --probe=none|onehot|full       # E-F, E-F-HVP one-hot, E-F-H
     python experiments/run.py --help                         # every option
 
-With no --data it trains on the bundled data set. Results: <workdir>/results.json.
+With no --data it trains on the bundled reaction set (RTP, IRC and NMS files) and reports test
+errors per category. Results: <workdir>/results.json.
 """
 
 import sys

@@ -20,7 +20,7 @@ __all__ = ["Config", "parse_args", "config_parser"]
 @dataclasses.dataclass(frozen=True)
 class Config:
     # data
-    data: tuple[str, ...] = ()  # HDF5 files; empty = the bundled data set
+    data: tuple[str, ...] = ()  # HDF5 files; empty = the bundled reaction set (phljax.data.DEFAULT_DATA)
     energy_unit: str | None = None  # file energy unit override (default: file attribute, else hartree)
     length_unit: str | None = None  # file length unit override (default: file attribute, else angstrom)
     split_seed: int = 0  # train/val/test split is deterministic in this seed

@@ -110,9 +110,10 @@ def _counted(energy_fn, counter):
     return counted
 
 
-def cli_args(probe_flags, data, workdir, epochs=2):
-    """`experiments/run.py` flags for the tiny config."""
-    args = [*probe_flags, "--data", data, "--epochs", str(epochs), "--batch-size", "8", "--workdir", workdir]
+def cli_args(probe_flags, data, workdir, epochs=2, batch_size=8):
+    """`experiments/run.py` flags for the tiny config (`data` None: no --data, the bundled set)."""
+    data_flags = [] if data is None else ["--data", data]
+    args = [*probe_flags, *data_flags, "--epochs", str(epochs), "--batch-size", str(batch_size), "--workdir", workdir]
     for key, value in TINY.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return [*args, "--no-progress"]

@@ -217,6 +217,29 @@ def test_cli_data_probes_without_hessians(cli, hvp_file, tiny_config):
         phljax.prepare(tiny_config.replace(data=(hvp_file,), probe_mode="randomized"))
 
 
+def test_run_without_data_trains_on_the_bundled_reaction_set(tmp_path):
+    """`experiments/run.py` with no --data trains on the bundled RTP, IRC and NMS files and reports
+    test errors per category, in the paper's order (1 epoch of the tiny model)."""
+    from phljax.data import DEFAULT_DATA, default_data, read_h5
+
+    n_files = {name: len(read_h5(path)) for name, path in zip(DEFAULT_DATA, default_data(), strict=True)}
+    assert list(n_files) == ["chon_reactions-RTP.h5", "chon_reactions-IRC.h5", "chon_reactions-NMS.h5"]
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "experiments/run.py", *cli_args(["--probe=random"], None, workdir, epochs=1, batch_size=32)]
+    proc = subprocess.run(cmd, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    assert results["config"]["data"] == []
+    assert sum(results["n_molecules"].values()) == sum(n_files.values())
+    errors = results["errors_ev"]
+    assert [k for k in errors if k.startswith("test/")] == ["test/rtp", "test/irc", "test/nms"]
+    assert sum(errors[f"test/{c}"]["n_molecules"] for c in ("rtp", "irc", "nms")) == errors["test"]["n_molecules"]
+    assert all(np.isfinite(errors[k]["hessian_rmse"]) for k in errors)
+    rows = [line.split()[0] for line in proc.stdout.splitlines() if line.split()[1:2] == ["energy"]]
+    assert rows == ["test", "test/rtp", "test/irc", "test/nms"]
+
+
 def test_holdout_categories_are_only_tested(molecules, tiny_config):
     """--holdout keeps whole categories (the paper's IRC and NMS sets) out of train and val."""
     import dataclasses

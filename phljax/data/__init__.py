@@ -3,8 +3,10 @@
 from phljax.data.batching import BatchBudget, GraphBatch, budget_for, edges_within, iterate_batches, make_batch
 from phljax.data.hdf5 import read_h5, write_h5
 from phljax.data.prepare import (
+    DEFAULT_DATA,
     bundled_path,
     check_elements,
+    default_data,
     fit_atomic_energies,
     force_rms,
     load,

@@ -13,7 +13,9 @@ from phljax.data.hdf5 import read_h5
 from phljax.data.records import Molecule
 
 __all__ = [
+    "DEFAULT_DATA",
     "bundled_path",
+    "default_data",
     "load",
     "split",
     "fit_atomic_energies",
@@ -23,12 +25,23 @@ __all__ = [
 ]
 
 
-def bundled_path(name: str = "chon_nms_small.h5") -> str:
-    """Path of a data set shipped with phljax (see phljax/data/bundled/DATA_CARD.md)."""
+#: The files a run trains on when given none: the bundled reaction set (RTP, IRC, NMS; see
+#: phljax/data/bundled/chon_reactions.DATA_CARD.md).
+DEFAULT_DATA = ("chon_reactions-RTP.h5", "chon_reactions-IRC.h5", "chon_reactions-NMS.h5")
+
+
+def bundled_path(name: str) -> str:
+    """Path of a data file shipped with phljax (`phljax/data/bundled/`, each set has a data card):
+    the reaction set's `chon_reactions-{RTP,IRC,NMS}.h5` or the small NMS set `chon_nms_small.h5`."""
     path = resources.files("phljax.data") / "bundled" / name
     if not path.is_file():
         raise FileNotFoundError(f"bundled data set {name!r} not found at {path}")
     return os.fspath(path)
+
+
+def default_data() -> list[str]:
+    """Paths of :data:`DEFAULT_DATA`, the bundled reaction set (RTP, IRC and NMS files)."""
+    return [bundled_path(name) for name in DEFAULT_DATA]
 
 
 def load(paths: Sequence[str], *, energy_unit: str | None = None, length_unit: str | None = None) -> list[Molecule]:

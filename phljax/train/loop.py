@@ -164,10 +164,10 @@ class Run:
 
 
 def prepare(config: Config) -> Run:
-    """Load the configured data (or the bundled set) and derive the run."""
+    """Load the configured data (or the bundled reaction set, RTP + IRC + NMS) and derive the run."""
     if config.x64:
         jax.config.update("jax_enable_x64", True)
-    paths = list(config.data) or [phdata.bundled_path()]
+    paths = list(config.data) or phdata.default_data()
     molecules = phdata.load(paths, energy_unit=config.energy_unit, length_unit=config.length_unit)
     return Run(config, molecules)
 
@@ -307,7 +307,9 @@ def _finish(config: Config, run: Run, params) -> dict:
         make_eval_step(run.energy_fn, with_hessian=run.has_hessian, hessian_chunk=config.hessian_chunk or None)
     )
     subsets = {"test": [m for _, m in run.subset("test")]}
-    categories = sorted({str(m.meta["category"]) for m in subsets["test"] if "category" in m.meta})
+    paper_order = {"rtp": 0, "irc": 1, "nms": 2}  # the paper's test sets first, then any others
+    categories = sorted({str(m.meta["category"]) for m in subsets["test"] if "category" in m.meta},
+                        key=lambda c: (paper_order.get(c, 3), c))  # fmt: skip
     if len(categories) > 1:
         for c in categories:
             subsets[f"test/{c}"] = [m for m in subsets["test"] if str(m.meta.get("category")) == c]
