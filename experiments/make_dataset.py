@@ -61,12 +61,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-asym-rel", type=float, default=reactions.ReactionConfig.max_asym_rel,
                    help="Hessian symmetry check, max|H - H^T| / max|H|; a cache may loosen it (its rejections "
                         "that pass are labelled again), not tighten it")  # fmt: skip
-    p.add_argument(
-        "--max-sum-rule-rel",
-        type=float,
-        default=reactions.ReactionConfig.max_sum_rule_rel,
-        help="Hessian translational sum-rule check, max|sum_j H_ij| / max|H| (as --max-asym-rel)",
-    )
+    p.add_argument("--max-sum-rule-rel", type=float, default=reactions.ReactionConfig.max_sum_rule_rel,
+                   help="translational sum-rule check of each Hessian, max|sum_j H_ij|/max|H|")  # fmt: skip
     p.add_argument("--assemble", action="store_true", help="only write the HDF5 files from the cache")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--workers", type=int, default=1,
