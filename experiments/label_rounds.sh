@@ -17,7 +17,11 @@ rounds=$1 seconds=$2 workers=$3 out=$(realpath -m "$4")
 shift 4
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache=$root/data/dft_cache/reactions
-for arg in "$@"; do [ "${prev:-}" = --cache ] && cache=$(realpath -m "$arg"); prev=$arg; done
+for arg in "$@"; do
+  [ "${prev:-}" = --cache ] && cache=$(realpath -m "$arg")
+  case $arg in --cache=*) cache=$(realpath -m "${arg#--cache=}") ;; esac
+  prev=$arg
+done
 mkdir -p "$(dirname "$out")" "$cache"
 rm -f "$cache/STOP"
 start=$(mktemp) && sleep 1  # files newer than this are the run's

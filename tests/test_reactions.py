@@ -311,6 +311,11 @@ def test_looser_hessian_checks_relabel_only_what_passes_them(cache, tmp_path, da
                                np.load(os.path.join(d, "hcn_hnc", "nms_ts_002.npz"))["energy"], atol=1e-8)  # fmt: skip
     assert any("looser Hessian checks (max_asym_rel 0.0001 -> 0.001)" in m for m in datagen_log)
     assert reactions.ReactionConfig.from_json(load_json(os.path.join(copy, "config.json"))) == CFG
+    # a share labelled on another machine is merged by copying files: its label beside the old
+    # rejection record makes that record void
+    shutil.copy(os.path.join(d, "hcn_hnc", "nms_product_002.npz"), rdir)
+    assert not labels.passes_now(os.path.join(rdir, "nms_product_002"), 1.0, 1.0)
+    assert workflow.summarize(copy)["reactions"]["hcn_hnc"]["rejected"] == ["nms_reactant_002: SCF not converged"]
     with pytest.raises(ValueError, match=r"looser Hessian checks than asked for \(max_asym_rel 0.001 -> 0.0001\)"):
         reactions.run(dataclasses.replace(CFG, max_asym_rel=1e-4), reactions.read_reactions([HCN]), copy)
 
@@ -549,7 +554,8 @@ def test_one_command_regenerates_one_reaction(tmp_path):
         (rxn_dir / name).unlink()
     tar = tmp_path / "share" / "labels.tar"
     script = os.path.join(ROOT, "experiments", "label_rounds.sh")
-    subprocess.run(["bash", script, "1", "600", "2", str(tar), *cmd[2:-3]], check=True, capture_output=True,
+    options = [f"--cache={out / 'cache'}" if a == "--cache" else a for a in cmd[2:-3] if a != str(out / "cache")]
+    subprocess.run(["bash", script, "1", "600", "2", str(tar), *options], check=True, capture_output=True,
                    env={**os.environ, "PYTHON": sys.executable}, timeout=900)  # fmt: skip
     with tarfile.open(tar) as f:
         assert sorted(os.path.basename(n) for n in f.getnames()) == made

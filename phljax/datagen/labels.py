@@ -44,7 +44,7 @@ def passes_now(stem: str, max_asym_rel: float, max_sum_rule_rel: float) -> bool:
     (so, under looser limits than it was rejected by, it is labelled again: the rejection
     record keeps the checks, not the label)."""
     path = stem + ".rejected.json"
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.path.exists(stem + ".npz"):  # labelled since (e.g. merged from a share)
         return False
     checks = load_json(path).get("checks")  # present when the Hessian was computed and failed a check
     return checks is not None and checks["asym_rel"] <= max_asym_rel and checks["sum_rule_rel"] <= max_sum_rule_rel
