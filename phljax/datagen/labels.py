@@ -31,7 +31,7 @@ from phljax.datagen.dft import (
 
 log = logging.getLogger("phljax.datagen")
 
-__all__ = ["is_done", "label_hessian", "label_hvp", "make_probes", "passes_now", "to_molecules"]
+__all__ = ["is_done", "label_hessian", "label_hvp", "make_probes", "passes_now", "rejection", "to_molecules"]
 
 
 def is_done(stem: str) -> bool:
@@ -39,15 +39,22 @@ def is_done(stem: str) -> bool:
     return os.path.exists(stem + ".npz") or os.path.exists(stem + ".rejected.json")
 
 
+def rejection(stem: str) -> dict | None:
+    """The rejection record of ``stem``, or None: none was written, or a label stands beside it
+    (labelled since, e.g. on another machine and merged by copying files)."""
+    path = stem + ".rejected.json"
+    if not os.path.exists(path) or os.path.exists(stem + ".npz"):
+        return None
+    return load_json(path)
+
+
 def passes_now(stem: str, max_asym_rel: float, max_sum_rule_rel: float) -> bool:
     """Whether ``stem`` was rejected by the Hessian checks only, with errors within these limits
     (so, under looser limits than it was rejected by, it is labelled again: the rejection
     record keeps the checks, not the label)."""
-    path = stem + ".rejected.json"
-    if not os.path.exists(path) or os.path.exists(stem + ".npz"):  # labelled since (e.g. merged from a share)
-        return False
-    checks = load_json(path).get("checks")  # present when the Hessian was computed and failed a check
-    return checks is not None and checks["asym_rel"] <= max_asym_rel and checks["sum_rule_rel"] <= max_sum_rule_rel
+    record = rejection(stem)
+    checks = record and record.get("checks")  # present when the Hessian was computed and failed a check
+    return bool(checks) and checks["asym_rel"] <= max_asym_rel and checks["sum_rule_rel"] <= max_sum_rule_rel
 
 
 def _where(stem: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 
 from phljax import units
 from phljax.datagen.cache import load_json, load_npz, save_json
-from phljax.datagen.labels import to_molecules
+from phljax.datagen.labels import rejection, to_molecules
 from phljax.datagen.reactions.checks import NotAMinimumError, verify_minimum
 from phljax.datagen.reactions.labelling import (
     STATIONARY,
@@ -467,11 +467,8 @@ def summarize(cache_dir: str) -> dict[str, Any]:
                 (float(load_npz(p_p)["energy"]) - float(load_npz(r_p)["energy"])) * kcal, 2
             )
         fails = [load_json(p) for p in sorted(glob.glob(os.path.join(d, "*.failed.json")))]
-        rejected = [
-            load_json(p)
-            for p in sorted(glob.glob(os.path.join(d, "*.rejected.json")))
-            if not os.path.exists(p.removesuffix(".rejected.json") + ".npz")
-        ]  # a rejection with a label beside it was labelled since, on another machine (a merged share)
+        stems = [p.removesuffix(".rejected.json") for p in sorted(glob.glob(os.path.join(d, "*.rejected.json")))]
+        rejected = [r for r in map(rejection, stems) if r is not None]
         info["failures"] = [f"{f['stage']}: {f['reason']}" for f in fails]
         info["rejected"] = [f"{os.path.basename(r['where'])}: {r['reason']}" for r in rejected]
         irc_yield = _irc_yield(cfg, d)
