@@ -11,10 +11,6 @@ training_cost.py with phljax's default model. Needs no timing, so a loaded machi
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def profile(n_atoms: int, batch_size: int) -> list[tuple[str, float]]:

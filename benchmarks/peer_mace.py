@@ -30,9 +30,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import training_cost  # noqa: E402  (sibling script: synthetic molecules, subprocess workers)
+import training_cost  # sibling script (python puts the script's folder on sys.path): synthetic molecules, workers
 
 ELEMENTS = [1, 6, 7, 8]
 TASKS = ("E-F", "E-F-HVP random K=1", "E-F-H", "Hessian inference")

@@ -26,12 +26,10 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from phljax.datagen.dft import LevelOfTheory, build_mol, fd_hvp, fd_hvp_error, label_geometry, run_scf  # noqa: E402
-from phljax.datagen.dispersion import BOHR_ANGSTROM  # noqa: E402
-from phljax.datagen.labels import make_probes  # noqa: E402
-from phljax.datagen.sampling import distorted_g2  # noqa: E402
+from phljax.datagen.dft import LevelOfTheory, build_mol, fd_hvp, fd_hvp_error, label_geometry, run_scf
+from phljax.datagen.labels import make_probes
+from phljax.datagen.sampling import distorted_g2
+from phljax.units import DFT_BOHR
 
 
 def step_scan(name: str, level: LevelOfTheory, num_probes: int, steps: list[float], seed: int) -> dict:
@@ -66,7 +64,7 @@ def gradient_check(name: str, level: LevelOfTheory, seed: int, step: float = 2e-
             p = pos.copy()
             p[i, a] += sign * step
             e.append(run_scf(build_mol(numbers, p, level), level, dm0=dm).e_tot)
-        fd[i, a] = (e[0] - e[1]) / (2 * step / BOHR_ANGSTROM)
+        fd[i, a] = (e[0] - e[1]) / (2 * step / DFT_BOHR)
     out = {
         "name": name,
         "xc": level.xc,

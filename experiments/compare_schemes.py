@@ -2,21 +2,26 @@
 
     python experiments/compare_schemes.py --epochs 300 --workdir runs/compare [any run.py option]
 
-Writes <workdir>/comparison.json and prints a Markdown table (errors in kcal/mol-based units,
-change relative to E-F).
+--workdir is the root (default runs/compare): scheme <probe> trains in <root>/<probe>. Writes
+<root>/comparison.json and prints a Markdown table (errors in kcal/mol-based units, change
+relative to E-F). One seed: for seeds and significance use experiments/study.py.
 """
 
+import argparse
 import json
 import os
-import sys
 
-from phljax.config import parse_args
+from phljax import distributed
+from phljax.config import config_parser, parse_args
 from phljax.losses import SCHEMES
 from phljax.train import prepare, train
 
 if __name__ == "__main__":
-    base = parse_args(sys.argv[1:])
-    root = base.workdir if "--workdir" in sys.argv else "runs/compare"
+    parser = config_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(workdir="runs/compare")
+    base = parse_args(parser=parser)
+    distributed.initialize(base.coordinator_address, base.num_processes, base.process_id)
+    root = base.workdir
     rows = {}
     for probe in SCHEMES:
         config = base.replace(probe=probe, workdir=os.path.join(root, probe))

@@ -1,4 +1,4 @@
-"""Evaluate a trained checkpoint on HDF5 files of the ANI layout and write the errors as JSON.
+"""Evaluate a trained run's best checkpoint on HDF5 files of the ANI layout and write the errors as JSON.
 
 python experiments/evaluate.py --workdir runs/random --data FILE.h5 [FILE2.h5 ...] [--out errors.json]
 """
@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from phljax.evaluation import evaluate_checkpoint, format_table
+from phljax.evaluation import evaluate_workdir, format_table
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -18,7 +18,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default=None, help="JSON output (default: <workdir>/evaluation.json)")
     args = parser.parse_args()
-    results = evaluate_checkpoint(
+    results = evaluate_workdir(
         args.workdir, args.data, energy_unit=args.energy_unit, length_unit=args.length_unit, batch_size=args.batch_size
     )
     out = args.out or os.path.join(args.workdir, "evaluation.json")

@@ -21,11 +21,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from phljax.datagen.dft import LevelOfTheory, fd_hvp, fd_hvp_error, label_geometry  # noqa: E402
-from phljax.datagen.labels import make_probes  # noqa: E402
-from phljax.datagen.sampling import distorted_g2  # noqa: E402
+from phljax.datagen.dft import LevelOfTheory, fd_hvp, fd_hvp_error, label_geometry
+from phljax.datagen.labels import make_probes
+from phljax.datagen.reactions import ReactionConfig
+from phljax.datagen.sampling import distorted_g2
 
 DEFAULT = ["H2O", "H2CO", "HCOOH", "CH3OH", "CH3CHO", "CH3CH2OH", "C6H6"]
 
@@ -53,8 +52,8 @@ def measure(name: str, level: LevelOfTheory, num_probes: int, step: float, seed:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--molecules", nargs="+", default=DEFAULT, help="ase g2 names")
-    p.add_argument("--num-probes", type=int, default=4)
-    p.add_argument("--fd-step", type=float, default=5e-3, help="Angstrom")
+    p.add_argument("--num-probes", type=int, default=ReactionConfig.num_probes, help="K, as the data set's")
+    p.add_argument("--fd-step", type=float, default=ReactionConfig.fd_step, help="Angstrom, as the data set's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="label_cost.json")
     args = p.parse_args(argv)

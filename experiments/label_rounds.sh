@@ -3,7 +3,8 @@
 #
 #   bash experiments/label_rounds.sh ROUNDS SECONDS WORKERS OUT.tar [make_dataset.py options]
 #
-# In a copy of this checkout (same code, same cache), runs `make_dataset.py --rounds ROUNDS
+# In a copy of this checkout (same code, same cache, and `pip install -e '.[data]'` in it: the
+# script refuses to run a phljax installed from elsewhere), runs `make_dataset.py --rounds ROUNDS
 # --workers WORKERS` with one thread per worker, asks it to stop (STOP file) after SECONDS, and
 # writes OUT.tar with the cache files it made (refreshed every 45 s, so a run killed from outside
 # still leaves what it finished) and its log as OUT.log. Merge them on the first machine, whose
@@ -16,6 +17,14 @@ set -u
 rounds=$1 seconds=$2 workers=$3 out=$(realpath -m "$4")
 shift 4
 root=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-python3}
+# make_dataset.py labels with the installed phljax, which must be this checkout's code (imported
+# from experiments/, as the script is, so that the working directory does not decide)
+pkg=$(cd "$root/experiments" && "$python" -c 'import os, phljax; print(os.path.dirname(os.path.dirname(os.path.realpath(phljax.__file__))))') || exit 1
+if [ "$pkg" != "$(cd "$root" && pwd -P)" ]; then
+  echo "label_rounds.sh: phljax is imported from $pkg, not from this checkout ($root); pip install -e '.[data]' here" >&2
+  exit 2
+fi
 cache=$root/data/dft_cache/reactions
 for arg in "$@"; do
   [ "${prev:-}" = --cache ] && cache=$(realpath -m "$arg")
@@ -36,7 +45,7 @@ disown $packer
 stopper=$!
 disown $stopper
 # its own process group, so that afterwards exactly this job's workers can be ended
-OMP_NUM_THREADS=$workers setsid timeout -k 10 $((seconds + 300)) "${PYTHON:-python3}" "$root/experiments/make_dataset.py" \
+OMP_NUM_THREADS=$workers setsid timeout -k 10 $((seconds + 300)) "$python" "$root/experiments/make_dataset.py" \
   --no-progress --workers "$workers" --rounds "$rounds" --out "$(mktemp -d)" "$@" > "${out%.tar}.log" 2>&1 &
 job=$!
 wait $job

@@ -26,19 +26,19 @@ import argparse
 import glob
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from phljax.datagen import reactions  # noqa: E402
-from phljax.datagen.dft import LevelOfTheory  # noqa: E402
-from phljax.datagen.pipeline import setup_logging  # noqa: E402
+from phljax.datagen import reactions
+from phljax.datagen.card import render_reaction_card
+from phljax.datagen.dft import LevelOfTheory
+from phljax.datagen.labels import PROBE_KINDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "data", "dft_cache")
+DEFAULT = reactions.ReactionConfig()  # every default below is the configuration's
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; with no flags it asks for the default :class:`ReactionConfig` (see :func:`config`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reactions", nargs="+", default=sorted(glob.glob(os.path.join(ROOT, "data/reactions/*.xyz"))),
                    help="reaction xyz files, or .txt files listing them")  # fmt: skip
@@ -46,22 +46,22 @@ def main(argv=None) -> dict:
     p.add_argument("--cache", default=os.path.join(CACHE, "reactions"))
     p.add_argument("--out", default=os.path.join(ROOT, "phljax/data/bundled"), help="directory of the HDF5 files")
     p.add_argument("--prefix", default="chon_reactions", help="file names <prefix>-RTP.h5, -IRC.h5, -NMS.h5")
-    p.add_argument("--labels", choices=("hessian", "hvp"), default="hessian")
-    p.add_argument("--num-probes", type=int, default=4, help="K probes per geometry with --labels hvp")
-    p.add_argument("--probe-kind", choices=("gaussian", "onehot"), default="gaussian")
-    p.add_argument("--fd-step", type=float, default=5e-3, help="finite-difference step, Angstrom")
-    p.add_argument("--n-irc", type=int, default=8, help="IRC points kept per direction")
-    p.add_argument("--n-nms", type=int, default=20, help="normal-mode samples per stationary point")
-    p.add_argument("--temperature", type=float, default=500.0, help="NMS temperature, Kelvin")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--xc", default=LevelOfTheory.xc, help="libxc functional (default: omegaB97X-D's XC part)")
-    p.add_argument("--basis", default=LevelOfTheory.basis)
-    p.add_argument("--grid-level", type=int, default=LevelOfTheory.grid_level)
+    p.add_argument("--labels", choices=reactions.LABELS, default=DEFAULT.labels)
+    p.add_argument("--num-probes", type=int, default=DEFAULT.num_probes, help="K probes per geometry with --labels hvp")
+    p.add_argument("--probe-kind", choices=PROBE_KINDS, default=DEFAULT.probe_kind)
+    p.add_argument("--fd-step", type=float, default=DEFAULT.fd_step, help="finite-difference step, Angstrom")
+    p.add_argument("--n-irc", type=int, default=DEFAULT.n_irc, help="IRC points kept per direction")
+    p.add_argument("--n-nms", type=int, default=DEFAULT.n_nms, help="normal-mode samples per stationary point")
+    p.add_argument("--temperature", type=float, default=DEFAULT.temperature, help="NMS temperature, Kelvin")
+    p.add_argument("--seed", type=int, default=DEFAULT.seed)
+    p.add_argument("--xc", default=DEFAULT.level.xc, help="libxc functional (default: omegaB97X-D's XC part)")
+    p.add_argument("--basis", default=DEFAULT.level.basis)
+    p.add_argument("--grid-level", type=int, default=DEFAULT.level.grid_level)
     p.add_argument("--no-dispersion", action="store_true", help="leave out the CHG damped D2 term")
-    p.add_argument("--max-asym-rel", type=float, default=reactions.ReactionConfig.max_asym_rel,
+    p.add_argument("--max-asym-rel", type=float, default=DEFAULT.max_asym_rel,
                    help="Hessian symmetry check, max|H - H^T| / max|H|; a cache may loosen it (its rejections "
                         "that pass are labelled again), not tighten it")  # fmt: skip
-    p.add_argument("--max-sum-rule-rel", type=float, default=reactions.ReactionConfig.max_sum_rule_rel,
+    p.add_argument("--max-sum-rule-rel", type=float, default=DEFAULT.max_sum_rule_rel,
                    help="translational sum-rule check of each Hessian, max|sum_j H_ij|/max|H|")  # fmt: skip
     p.add_argument("--assemble", action="store_true", help="only write the HDF5 files from the cache")
     p.add_argument("--no-progress", action="store_true")
@@ -83,16 +83,25 @@ def main(argv=None) -> dict:
         args.label_cost = os.path.join(CACHE, "label_cost.json") if bundled else ""
     if args.checks is None:
         args.checks = [os.path.join(CACHE, f) if bundled else "" for f in ("fd_step_scan.json", "gradient_check.json")]
+    return args
 
-    setup_logging(args.cache)
+
+def config(args: argparse.Namespace) -> reactions.ReactionConfig:
+    """The data set's configuration from the command line's settings."""
+    level = LevelOfTheory(xc=args.xc, basis=args.basis, grid_level=args.grid_level,
+                          dispersion=not args.no_dispersion)  # fmt: skip
+    return reactions.ReactionConfig(
+        level=level, labels=args.labels, num_probes=args.num_probes, probe_kind=args.probe_kind,
+        fd_step=args.fd_step, n_irc=args.n_irc, n_nms=args.n_nms, temperature=args.temperature, seed=args.seed,
+        max_asym_rel=args.max_asym_rel, max_sum_rule_rel=args.max_sum_rule_rel,
+    )  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    reactions.setup_logging(args.cache)
     if not args.assemble:
-        level = LevelOfTheory(xc=args.xc, basis=args.basis, grid_level=args.grid_level,
-                              dispersion=not args.no_dispersion)  # fmt: skip
-        cfg = reactions.ReactionConfig(
-            level=level, labels=args.labels, num_probes=args.num_probes, probe_kind=args.probe_kind,
-            fd_step=args.fd_step, n_irc=args.n_irc, n_nms=args.n_nms, temperature=args.temperature, seed=args.seed,
-            max_asym_rel=args.max_asym_rel, max_sum_rule_rel=args.max_sum_rule_rel,
-        )  # fmt: skip
+        cfg = config(args)
         rxns = reactions.read_reactions(args.reactions)
         if args.only:
             wanted = set(args.only.split(","))
@@ -103,8 +112,6 @@ def main(argv=None) -> dict:
         reactions.run(cfg, rxns, args.cache, progress=not args.no_progress, workers=args.workers,
                       rounds=args.rounds)  # fmt: skip
     summary = reactions.assemble(args.cache, args.out, args.prefix)
-    from phljax.datagen.card import render_reaction_card
-
     with open(os.path.join(args.out, f"{args.prefix}.DATA_CARD.md"), "w") as f:
         cost = json.load(open(args.label_cost)) if os.path.exists(args.label_cost) else None
         named = zip(("scans", "gradients"), args.checks, strict=True)

@@ -5,19 +5,17 @@
     python experiments/run.py --help                         # every option
 
 With no --data it trains on the bundled reaction set (RTP, IRC and NMS files) and reports test
-errors per category. Results: <workdir>/results.json.
+errors per category. Results: <workdir>/results.json (default workdir: runs/<probe>).
 """
 
-import sys
+import argparse
 
+from phljax import distributed
 from phljax.config import config_parser, parse_args
 from phljax.train import train
 
 if __name__ == "__main__":
-    if "-h" in sys.argv or "--help" in sys.argv:
-        config_parser(__doc__).print_help()
-        sys.exit(0)
-    config = parse_args(sys.argv[1:])
-    if "--workdir" not in " ".join(sys.argv):
-        config = config.replace(workdir=f"runs/{config.probe}")
+    parser = config_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config = parse_args(parser=parser)
+    distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
     train(config)

@@ -9,11 +9,12 @@ The derivative functions work on any `energy(positions, *args) -> scalar`:
     >>> H = phljax.hessian(energy, R, chunk_size=16)
 """
 
-from phljax import data, models
+from phljax import data, distributed, models, vibrations
 from phljax.checkpoint import Checkpointer
 from phljax.config import Config
 from phljax.data import GraphBatch, Molecule, read_h5, write_h5
 from phljax.derivatives import (
+    batch_derivatives,
     block_hessian,
     forces,
     grad_and_hvp,
@@ -33,6 +34,7 @@ from phljax.losses import (
     reference_hvp,
 )
 from phljax.models import NequIP, build_model, make_energy_fn
+from phljax.potential import Potential
 from phljax.probes import batch_probes, molecule_probes
 from phljax.train import TrainState, make_optimizer, make_train_step, prepare, train
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -25,6 +26,7 @@ __all__ = [
     "hessian",
     "block_hessian",
     "value_grad_and_block_hessian",
+    "batch_derivatives",
 ]
 
 Energy = Callable[..., jax.Array]  # energy(positions, *args) -> scalar eV
@@ -132,6 +134,8 @@ def value_grad_and_block_hessian(
     Returns:
         (E, dE/dR [n_nodes, 3] eV/A, H blocks [n_nodes, 3, A, 3] eV/A^2 in local column form).
     """
+    chex.assert_rank(graph_nodes, 2)
+    chex.assert_shape(positions, (None, 3))
     n_nodes = positions.shape[0]
     max_atoms = graph_nodes.shape[1]
     value_and_grad = jax.value_and_grad(lambda r: energy(r, *args), has_aux=has_aux)
@@ -151,3 +155,50 @@ def block_hessian(
     """Diagonal Hessian blocks of a padded batch, [n_nodes, 3, A, 3] eV/A^2; see
     `value_grad_and_block_hessian`."""
     return value_grad_and_block_hessian(energy, positions, graph_nodes, *args, chunk_size=chunk_size)[2]
+
+
+def batch_derivatives(
+    energy_fn: Callable,
+    params,
+    batch,
+    *,
+    probes: jax.Array | None = None,  # [K, n_nodes, 3] or None
+    hessian_blocks: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Energies, gradient and one kind of curvature of a padded batch, from one shared pass.
+
+    The one derivative dispatch of the losses and the evaluation: `energy_fn(params, batch) ->
+    [n_graphs]` eV is differentiated through the sum of the molecules' energies (molecules do not
+    interact), at `batch.positions` [n_nodes, 3] Angstrom.
+
+    Args:
+        energy_fn: `(params, batch) -> [n_graphs]` energies, eV.
+        params: model parameters (any pytree).
+        batch: a `phljax.data.GraphBatch` (positions [n_nodes, 3] A, graph_nodes [n_graphs, A]).
+        probes: probes spanning the batch, [K, n_nodes, 3]: return H v.
+        hessian_blocks: return the diagonal Hessian blocks (`value_grad_and_block_hessian`).
+        chunk_size: Hessian columns per HVP batch (None: all at once).
+
+    Returns:
+        (E [n_graphs] eV, dE/dR [n_nodes, 3] eV/A, curvature): H v [K, n_nodes, 3] eV/A^2 with
+        `probes`, blocks [n_nodes, 3, A, 3] eV/A^2 with `hessian_blocks`, else None.
+    """
+    if probes is not None and hessian_blocks:
+        raise ValueError("ask for either probes (HVPs) or hessian_blocks, not both")
+
+    def total(r):  # [n_nodes, 3] A -> (sum of energies, [n_graphs] energies), eV
+        e = energy_fn(params, batch._replace(positions=r))
+        return e.sum(), e
+
+    if hessian_blocks:
+        (_, e), g, blocks = value_grad_and_block_hessian(
+            total, batch.positions, batch.graph_nodes, has_aux=True, chunk_size=chunk_size
+        )
+        return e, g, blocks
+    if probes is not None:
+        chex.assert_shape(probes, (None, *batch.positions.shape))
+        (_, e), g, hv = value_grad_and_hvp(total, batch.positions, probes, has_aux=True)
+        return e, g, hv
+    (_, e), g = jax.value_and_grad(total, has_aux=True)(batch.positions)
+    return e, g, None

@@ -1,17 +1,40 @@
-"""Test-set errors: energy, force and Hessian MAE/RMSE, in eV-based and kcal/mol-based units."""
+"""Test-set errors: energy, force and Hessian MAE/RMSE, in eV-based and kcal/mol-based units.
+
+Owns its metric step (`make_eval_step`), the per-category subsets every report uses
+(`test_subsets`) and the evaluation of a trained run's best checkpoint on HDF5 files
+(`evaluate_workdir`, through `phljax.Potential`).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from phljax import units
-from phljax.data.batching import BatchBudget, iterate_batches
+from phljax import derivatives, units
+from phljax.data.batching import BatchBudget, GraphBatch, budget_for, iterate_batches
+from phljax.data.prepare import check_elements, load
 from phljax.data.records import Molecule
+from phljax.models.energy import EnergyFn
+from phljax.potential import Potential
+from phljax.vibrations import harmonic_analysis
 
-__all__ = ["accumulate_errors", "evaluate_checkpoint", "format_table", "UNITS"]
+__all__ = [
+    "UNITS",
+    "CATEGORY_ORDER",
+    "make_eval_step",
+    "accumulate_errors",
+    "test_subsets",
+    "STATIONARY",
+    "stationary_metrics",
+    "evaluate_molecules",
+    "evaluate_workdir",
+    "in_kcal_mol",
+    "format_table",
+]
 
 # quantity -> (eV-based unit, kcal/mol-based unit)
 UNITS = {
@@ -19,6 +42,55 @@ UNITS = {
     "forces": ("eV/A", "kcal/mol/A"),
     "hessian": ("eV/A^2", "kcal/mol/A^2"),
 }
+#: The paper's test categories, in its order; any other category follows, alphabetically.
+CATEGORY_ORDER = ("rtp", "irc", "nms")
+#: Stationary points (`meta['point']`) -> the number of imaginary frequencies they have
+STATIONARY = {"reactant": 0, "product": 0, "ts": 1}
+# stationary-point metrics -> unit (not converted by `in_kcal_mol` unless the unit is eV-based)
+STATIONARY_UNITS = {
+    "frequency_mae_cm1": "cm^-1",
+    "hessian_eigenvalue_mae": "eV/A^2",
+    "stationary_index_correct": "fraction",
+    "ts_imaginary_frequency_mae_cm1": "cm^-1",
+}
+
+
+def make_eval_step(energy_fn: EnergyFn, *, with_hessian: bool, hessian_chunk: int | None = None):
+    """`eval_step(params, batch) -> sums` of absolute and squared errors and counts.
+
+    Energy errors count molecules, force errors Cartesian components, Hessian errors entries of
+    each molecule's [3N, 3N] Hessian (model Hessian from 3A HVPs of the batch).
+    """
+
+    def eval_step(params, batch: GraphBatch):
+        e, g, blocks = derivatives.batch_derivatives(
+            energy_fn, params, batch, hessian_blocks=with_hessian, chunk_size=hessian_chunk
+        )
+        gmask = batch.graph_mask.astype(e.dtype)
+        nmask = batch.node_mask.astype(e.dtype)[:, None]
+        de = (e - batch.energy) * gmask
+        df = (-g - batch.forces) * nmask
+        out = {
+            "energy_abs": jnp.sum(jnp.abs(de)),
+            "energy_sq": jnp.sum(de**2),
+            "energy_n": jnp.sum(gmask),
+            "forces_abs": jnp.sum(jnp.abs(df)),
+            "forces_sq": jnp.sum(df**2),
+            "forces_n": 3 * jnp.sum(nmask),
+        }
+        if with_hessian:
+            max_atoms = batch.graph_nodes.shape[1]
+            real_col = jnp.arange(max_atoms)[None, :] < batch.n_atoms[batch.node_graph][:, None]  # [N, A]
+            hmask = (real_col & batch.node_mask[:, None]).astype(e.dtype)[:, None, :, None]
+            dh = (blocks - batch.hessian) * hmask
+            out.update(
+                hessian_abs=jnp.sum(jnp.abs(dh)),
+                hessian_sq=jnp.sum(dh**2),
+                hessian_n=9 * jnp.sum(hmask),
+            )
+        return out
+
+    return eval_step
 
 
 def accumulate_errors(
@@ -44,23 +116,95 @@ def accumulate_errors(
     return result
 
 
-def format_table(results: dict[str, dict], epoch_time: float | None = None) -> str:
-    """A text table of MAE/RMSE per subset and quantity, in eV and kcal/mol units."""
-    lines = [f"{'subset':<14}{'quantity':<9}{'MAE':>11}{'RMSE':>11}  {'unit':<13}{'MAE':>11}{'RMSE':>11}  unit"]
-    for subset, r in results.items():
-        for q, (ev_unit, kcal_unit) in UNITS.items():
-            if f"{q}_mae" not in r:
-                continue
-            mae, rmse = r[f"{q}_mae"], r[f"{q}_rmse"]
-            k = 1.0 / units.KCAL_MOL
-            ev = f"{mae:>11.4g}{rmse:>11.4g}  {ev_unit:<13}"
-            lines.append(f"{subset:<14}{q:<9}{ev}{mae * k:>11.4g}{rmse * k:>11.4g}  {kcal_unit}")
-    if epoch_time is not None:
-        lines.append(f"mean epoch time: {epoch_time:.3f} s")
-    return "\n".join(lines)
+def _category_key(category: str) -> tuple[int, str]:
+    order = {c: i for i, c in enumerate(CATEGORY_ORDER)}
+    return order.get(category, len(order)), category
 
 
-def evaluate_checkpoint(
+def test_subsets(molecules: Sequence[Molecule], name: str) -> dict[str, list[Molecule]]:
+    """`{name: molecules, name/<category>: ...}`: the whole set, then one subset per category
+    (`meta['category']`) when the records carry several, in the paper's order (rtp, irc, nms,
+    then others alphabetically). Empty subsets are left out."""
+    subsets = {name: list(molecules)} if molecules else {}
+    categories = sorted({str(m.meta["category"]) for m in molecules if "category" in m.meta}, key=_category_key)
+    if len(categories) > 1:
+        for c in categories:
+            subsets[f"{name}/{c}"] = [m for m in molecules if str(m.meta.get("category")) == c]
+    return subsets
+
+
+def stationary_metrics(potential: Potential, molecules: Sequence[Molecule]) -> dict[str, float]:
+    """What a Hessian is for, at the stationary points among `molecules` (`meta['point']` in
+    reactant, product, ts, with a reference Hessian); {} when there are none.
+
+    From the model's Hessian (float64) against the reference one at the same geometry:
+    `frequency_mae_cm1`, the MAE of the harmonic frequencies (cm^-1; translations and rotations
+    projected out, imaginary ones negative, `phljax.vibrations.harmonic_analysis`);
+    `hessian_eigenvalue_mae` (eV/A^2), the MAE of the sorted Cartesian Hessian eigenvalues;
+    `stationary_index_correct`, the fraction of minima with no imaginary frequency and of TSs with
+    exactly one (|nu| > 10 cm^-1); `ts_imaginary_frequency_mae_cm1`, the error of the TS's
+    imaginary frequency (TSs only); and the counts `n_stationary`, `n_ts`.
+    """
+    points = [m for m in molecules if m.meta.get("point") in STATIONARY and m.hessian is not None]
+    if not points:
+        return {}
+    model = potential.hessian([m.numbers for m in points], [m.positions for m in points], dtype=np.float64)
+    freq, eig, correct, ts = [], [], [], []
+    for m, h in zip(points, model, strict=True):
+        n = m.n_atoms
+        h_ref = m.hessian.reshape(3 * n, 3 * n)
+        ref = harmonic_analysis(m.numbers, m.positions, h_ref)
+        mod = harmonic_analysis(m.numbers, m.positions, h)
+        freq.append(np.abs(mod.frequencies - ref.frequencies))
+        eig.append(np.abs(np.linalg.eigvalsh(h) - np.linalg.eigvalsh(0.5 * (h_ref + h_ref.T))))
+        correct.append(mod.n_imaginary() == STATIONARY[m.meta["point"]])
+        if m.meta["point"] == "ts":
+            ts.append(abs(mod.frequencies[0] - ref.frequencies[0]))
+    out = {
+        "n_stationary": len(points),
+        "frequency_mae_cm1": float(np.mean(np.concatenate(freq))),
+        "hessian_eigenvalue_mae": float(np.mean(np.concatenate(eig))),
+        "stationary_index_correct": float(np.mean(correct)),
+        "n_ts": len(ts),
+    }
+    if ts:
+        out["ts_imaginary_frequency_mae_cm1"] = float(np.mean(ts))
+    return out
+
+
+def evaluate_molecules(
+    potential: Potential,
+    subsets: dict[str, Sequence[Molecule]],
+    *,
+    batch_size: int = 16,
+    hessian_chunk: int | None = None,
+    budget: BatchBudget | None = None,
+) -> dict[str, dict]:
+    """Errors of `potential` on each named subset (eV units; Hessian errors when every record has one).
+
+    One jitted metric step serves every subset of the same budget (by default sized for all of them).
+    """
+    everything = [m for mols in subsets.values() for m in mols]
+    if not everything:
+        return {}
+    check_elements(everything, potential.elements)
+    with_hessian = all(m.hessian is not None for m in everything)
+    if budget is None:
+        budget = budget_for(everything, batch_size, potential.cutoff, with_hessian=with_hessian)
+    step = jax.jit(make_eval_step(potential.energy_fn, with_hessian=with_hessian, hessian_chunk=hessian_chunk))
+    x64 = bool(potential.config and potential.config.x64)
+    dtype = np.float64 if x64 else np.float32
+    return {
+        name: {
+            **accumulate_errors(step, potential.params, mols, budget, potential.cutoff, dtype),
+            **stationary_metrics(potential, mols),
+        }
+        for name, mols in subsets.items()
+        if mols
+    }
+
+
+def evaluate_workdir(
     workdir: str,
     paths: Sequence[str],
     *,
@@ -69,46 +213,55 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     hessian_chunk: int | None = None,
 ) -> dict[str, dict]:
-    """Errors of the best checkpoint in `workdir` on HDF5 files of the ANI layout.
+    """Errors of the best checkpoint in `workdir` on HDF5 files of the ANI layout (eV units).
 
-    Rebuilds the model from `<workdir>/model.json` and `config.json`; reports each file, and each
-    `category` within a file when the records carry several.
+    Reports each file by its name, and each `category` within a file (`<file>/<category>`, the
+    paper's order) when the records carry several.
     """
-    import json
-    import os
-
-    import jax.numpy as jnp
-
-    from phljax.checkpoint import Checkpointer
-    from phljax.config import Config
-    from phljax.data.batching import budget_for
-    from phljax.data.prepare import check_elements, load
-    from phljax.models import build_model, make_energy_fn
-    from phljax.train.step import make_eval_step
-
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = Config.from_json(f.read())
-    with open(os.path.join(workdir, "model.json")) as f:
-        spec = json.load(f)
-    if config.x64:
-        jax.config.update("jax_enable_x64", True)
-    model = build_model(**spec)
-    ckpt = Checkpointer(workdir)
-    params = jax.tree.map(jnp.asarray, ckpt.best_params())
-    ckpt.close()
-    dtype = np.float64 if config.x64 else np.float32
+    potential = Potential.from_workdir(workdir)
     results = {}
     for path in paths:
         molecules = load([path], energy_unit=energy_unit, length_unit=length_unit)
-        check_elements(molecules, spec["elements"])
-        with_hessian = all(m.hessian is not None for m in molecules)
-        budget = budget_for(molecules, batch_size, model.cutoff, with_hessian=with_hessian)
-        step = jax.jit(make_eval_step(make_energy_fn(model), with_hessian=with_hessian, hessian_chunk=hessian_chunk))
-        name = os.path.basename(path)
-        results[name] = accumulate_errors(step, params, molecules, budget, model.cutoff, dtype)
-        categories = sorted({str(m.meta["category"]) for m in molecules if "category" in m.meta})
-        if len(categories) > 1:
-            for c in categories:
-                subset = [m for m in molecules if str(m.meta.get("category")) == c]
-                results[f"{name}/{c}"] = accumulate_errors(step, params, subset, budget, model.cutoff, dtype)
+        subsets = test_subsets(molecules, os.path.basename(path))
+        results.update(evaluate_molecules(potential, subsets, batch_size=batch_size, hessian_chunk=hessian_chunk))
     return results
+
+
+def _ev_based(key: str) -> bool:
+    return key.split("_")[0] in UNITS  # energy_*, forces_*, hessian_* (incl. hessian_eigenvalue_mae)
+
+
+def in_kcal_mol(errors: dict[str, dict]) -> dict[str, dict]:
+    """The same error dict with eV-based values converted to kcal/mol-based units (counts,
+    frequencies and fractions unchanged)."""
+    return {name: {k: (v / units.KCAL_MOL if _ev_based(k) else v) for k, v in r.items()} for name, r in errors.items()}
+
+
+def format_table(results: dict[str, dict], epoch_time: float | None = None) -> str:
+    """A text table of MAE/RMSE per subset and quantity, in eV and kcal/mol units."""
+    width = max([14, *(len(s) + 2 for s in results)])
+    lines = [f"{'subset':<{width}}{'quantity':<9}{'MAE':>11}{'RMSE':>11}  {'unit':<13}{'MAE':>11}{'RMSE':>11}  unit"]
+    for subset, r in results.items():
+        for q, (ev_unit, kcal_unit) in UNITS.items():
+            if f"{q}_mae" not in r:
+                continue
+            mae, rmse = r[f"{q}_mae"], r[f"{q}_rmse"]
+            k = 1.0 / units.KCAL_MOL
+            ev = f"{mae:>11.4g}{rmse:>11.4g}  {ev_unit:<13}"
+            lines.append(f"{subset:<{width}}{q:<9}{ev}{mae * k:>11.4g}{rmse * k:>11.4g}  {kcal_unit}")
+    stationary = {name: r for name, r in results.items() if "n_stationary" in r}
+    if stationary:
+        lines.append("")
+        head = ("stationary", "freq MAE", "eig MAE", "index ok", "TS imag")
+        unit = ("points", "cm^-1", "eV/A^2", "fraction", "cm^-1 MAE")
+        for row, label in ((head, "subset"), (unit, "")):
+            lines.append(f"{label:<{width}}" + "".join(f"{c:>11}" for c in row))
+        for name, r in stationary.items():
+            ts = r.get("ts_imaginary_frequency_mae_cm1")
+            lines.append(
+                f"{name:<{width}}{r['n_stationary']:>11}{r['frequency_mae_cm1']:>11.4g}{r['hessian_eigenvalue_mae']:>11.4g}"
+                f"{r['stationary_index_correct']:>11.3g}{'' if ts is None else f'{ts:.4g}':>11}"
+            )
+    if epoch_time is not None:
+        lines.append(f"mean epoch time: {epoch_time:.3f} s")
+    return "\n".join(lines)

@@ -23,10 +23,13 @@ import jax.numpy as jnp
 from phljax import derivatives
 from phljax.data.batching import GraphBatch
 from phljax.models.energy import EnergyFn
-from phljax.probes import batch_probes, probe_key
+from phljax.probes import RANDOM_DISTRIBUTIONS, batch_probes, probe_key
 
 __all__ = [
     "SCHEMES",
+    "PROBE_MODES",
+    "ENERGY_NORMS",
+    "CHOICES",
     "LossConfig",
     "energy_loss",
     "force_loss",
@@ -38,7 +41,15 @@ __all__ = [
 
 # --probe value -> scheme
 SCHEMES = {"none": "E-F", "onehot": "E-F-HVP one-hot", "random": "E-F-HVP random", "full": "E-F-H"}
+PROBE_MODES = ("randomized", "fixed", "data")  # new probes every step | one per molecule | stored in the data
 ENERGY_NORMS = ("sqrt_atoms", "none", "atoms")
+#: The choice lists of `LossConfig`'s string fields (and so of the CLI flags of the same names).
+CHOICES = {
+    "probe": tuple(SCHEMES),
+    "probe_dist": RANDOM_DISTRIBUTIONS,
+    "probe_mode": PROBE_MODES,
+    "energy_norm": ENERGY_NORMS,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +66,11 @@ class LossConfig:
     energy_norm: str = "sqrt_atoms"  # sqrt_atoms (public code) | none (Algorithm 1) | atoms
 
     def __post_init__(self):
-        if self.probe not in SCHEMES:
-            raise ValueError(f"probe must be one of {sorted(SCHEMES)}, got {self.probe!r}")
-        if self.probe_dist not in ("gaussian", "rademacher"):
-            raise ValueError(f"probe_dist must be 'gaussian' or 'rademacher', got {self.probe_dist!r}")
-        if self.probe_mode not in ("randomized", "fixed", "data"):
-            raise ValueError(f"probe_mode must be randomized, fixed or data, got {self.probe_mode!r}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if self.num_probes < 1:
             raise ValueError(f"num_probes must be >= 1, got {self.num_probes}")
-        if self.energy_norm not in ENERGY_NORMS:
-            raise ValueError(f"energy_norm must be one of {ENERGY_NORMS}, got {self.energy_norm!r}")
 
     @property
     def distribution(self) -> str:
@@ -128,13 +134,9 @@ def make_loss_fn(energy_fn: EnergyFn, config: LossConfig, *, hessian_chunk: int 
     """
 
     def loss_fn(params, batch: GraphBatch, key: jax.Array):
-        def total(r):
-            e = energy_fn(params, batch._replace(positions=r))  # [G]
-            return e.sum(), e
-
         if config.probe == "full":
-            (_, e), g, blocks = derivatives.value_grad_and_block_hessian(
-                total, batch.positions, batch.graph_nodes, has_aux=True, chunk_size=hessian_chunk
+            e, g, blocks = derivatives.batch_derivatives(
+                energy_fn, params, batch, hessian_blocks=True, chunk_size=hessian_chunk
             )
             curvature = hessian_loss(blocks, batch)
         elif config.uses_hvp:
@@ -143,10 +145,10 @@ def make_loss_fn(energy_fn: EnergyFn, config: LossConfig, *, hessian_chunk: int 
             else:
                 v = batch_probes(key, config.distribution, config.num_probes, batch)
                 ref = reference_hvp(batch, v)
-            (_, e), g, hv = derivatives.value_grad_and_hvp(total, batch.positions, v, has_aux=True)
+            e, g, hv = derivatives.batch_derivatives(energy_fn, params, batch, probes=v)
             curvature = hvp_loss(hv, ref, batch)
         else:
-            (_, e), g = jax.value_and_grad(total, has_aux=True)(batch.positions)
+            e, g, _ = derivatives.batch_derivatives(energy_fn, params, batch)
             curvature = jnp.zeros_like(e)
         le = energy_loss(e, batch, config.energy_norm)
         lf = force_loss(-g, batch)

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 
 from phljax.data.batching import GraphBatch
 
-__all__ = ["DISTRIBUTIONS", "molecule_probes", "batch_probes", "probe_key"]
+__all__ = ["DISTRIBUTIONS", "RANDOM_DISTRIBUTIONS", "molecule_probes", "batch_probes", "probe_key"]
 
-DISTRIBUTIONS = ("gaussian", "rademacher", "onehot")
+RANDOM_DISTRIBUTIONS = ("gaussian", "rademacher")  # the choices of --probe-dist (scheme E-F-HVP random)
+DISTRIBUTIONS = (*RANDOM_DISTRIBUTIONS, "onehot")
 
 
 def molecule_probes(

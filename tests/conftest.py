@@ -131,7 +131,7 @@ def trained(tiny_config, h5_path, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
     argv = cli_args(["--probe=random"], h5_path, workdir)
     counter = {"n": 0}
-    make_energy_fn = loop.make_energy_fn
+    make_energy_fn = loop.make_energy_fn  # what `prepare` builds the run's energy function with
     loop.make_energy_fn = lambda model: _counted(make_energy_fn(model), counter)
     old_argv, sys.argv = sys.argv, ["experiments/run.py", *argv]
     stdout = io.StringIO()

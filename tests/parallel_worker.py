@@ -31,10 +31,12 @@ import orbax.checkpoint as ocp
 jax.config.update("jax_enable_x64", True)  # before any array exists: the whole worker runs in float64
 
 import phljax  # noqa: E402
-from phljax import parallel  # noqa: E402
+from phljax import data as phdata  # noqa: E402
+from phljax import distributed  # noqa: E402
 from phljax.checkpoint import Checkpointer  # noqa: E402
 from phljax.models import init_params  # noqa: E402
-from phljax.train.loop import Run  # noqa: E402
+from phljax.train.loop import Run, split_batches  # noqa: E402
+from phljax.train.sharded import data_parallel_steps  # noqa: E402
 from phljax.train.step import TrainState, make_train_step  # noqa: E402
 
 TINY = {"channels": 4, "lmax": 1, "num_layers": 1}
@@ -74,7 +76,7 @@ def check_errors(molecules) -> dict[str, str]:
     out = {}
     for name, changes in {"uneven": dict(batch_size=6, devices=4), "too_many": dict(devices=5)}.items():
         try:
-            Run(base_config("unused", **changes), molecules)
+            phljax.prepare(base_config("unused", **changes), molecules)
             out[name] = ""
         except ValueError as e:
             out[name] = str(e)
@@ -85,7 +87,9 @@ def initial_state(run: Run, optimizer, params=None) -> TrainState:
     """The state `phljax.train` starts from (same values and dtypes, so the same compiled step)."""
     seed = run.config.seed
     if params is None:
-        params = init_params(run.model, next(run.batches("train")), jax.random.PRNGKey(seed))
+        first = phdata.make_batch(run.subset("train")[: run.budget.n_graphs - 1], run.budget, run.config.cutoff,
+                                  dtype=run.dtype)  # fmt: skip
+        params = init_params(run.model, first, jax.random.PRNGKey(seed))
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed + 1))
 
 
@@ -98,11 +102,11 @@ def check_steps(molecules, schemes) -> dict:
     params = None  # the model does not depend on the scheme: initialise once
     for probe in schemes:
         config = base_config("unused", probe=probe, devices=1)
-        run1 = Run(config, molecules)
+        run1 = phljax.prepare(config, molecules)
         optimizer = run1.optimizer()
         state0 = initial_state(run1, optimizer, params)
         params = state0.params
-        batches = list(run1.global_batches("train"))  # unshuffled, stacked [1, ...]
+        batches = list(split_batches(run1, "train"))  # unshuffled, stacked [1, ...]
         single = jax.jit(make_train_step(run1.energy_fn, run1.loss_config, optimizer))
         state, reference = state0, []
         for i in STEP_BATCHES:
@@ -110,10 +114,12 @@ def check_steps(molecules, schemes) -> dict:
             reference.append((flat(state.params), flat(metrics)))
         update = max_diff(reference[-1][0], flat(state0.params))
         for n in (2, 4):
-            run = Run(config.replace(devices=n), molecules)
-            assert run.n_devices == n and list(run.local_slots) == list(range(n))
-            train_step, _, put = parallel.data_parallel_steps(run, optimizer)
-            sub = list(run.global_batches("train"))
+            run = phljax.prepare(config.replace(devices=n), molecules)
+            assert run.n_devices == n and list(distributed.local_slots(n)) == list(range(n))
+            train_step, _, put = data_parallel_steps(
+                run.energy_fn, run.loss_config, optimizer, n, val_key=jax.random.PRNGKey(config.seed + 2)
+            )
+            sub = list(split_batches(run, "train"))
             state = put(state0)
             out = {"update": update}
             for k, (i, (ref_params, ref_metrics)) in enumerate(zip(STEP_BATCHES, reference, strict=True)):
@@ -132,13 +138,13 @@ def train_and_dump(config: phljax.Config, outdir: str, name: str) -> dict:
     run = phljax.prepare(config)
     phljax.train(config, run)
     params = final_params(config.workdir)  # every process: orbax restores collectively
-    if parallel.is_main_process():
+    if distributed.is_main_process():
         np.savez(os.path.join(outdir, f"{name}.npz"), **params)
     with open(os.path.join(config.workdir, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f if line.strip()]
     return {
         "n_devices": run.n_devices,
-        "local_slots": list(run.local_slots),
+        "local_slots": list(distributed.local_slots(run.n_devices)),
         "process_count": jax.process_count(),
         "metrics": [{k: v for k, v in line.items() if "time" not in k} for line in lines],
         "seconds": time.perf_counter() - t0,
@@ -173,6 +179,7 @@ def process_main(data: str, outdir: str, port: str, rank: str) -> None:
         os.environ.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
         config = base_config(data)
     config = config.replace(workdir=os.path.join(outdir, "run_processes"))
+    distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)  # the entry point's job
     report = train_and_dump(config, outdir, "params_processes")
     with open(os.path.join(outdir, f"process{rank}.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -14,6 +14,7 @@ import pytest
 
 from phljax import data as phdata
 from phljax.data import Molecule, read_h5, write_h5
+from phljax.train.loop import split_batches
 
 HARTREE_EV = 27.211386  # CODATA 2018: 27.211386245988 eV
 KCAL_MOL_EV = 0.0433641  # 4.184 kJ/mol / 96.485 kJ/mol/eV
@@ -281,7 +282,7 @@ def test_batch_budget_errors(molecules):
 
 def test_global_batches_have_static_shapes(run):
     for split in ("train", "val", "test"):
-        batches = list(run.global_batches(split, shuffle_seed=1))
+        batches = list(split_batches(run, split, shuffle_seed=1))
         assert len(batches) == int(np.ceil(len(run.splits[split]) / run.config.batch_size))
         shapes = {jax.tree.map(lambda x: (x.shape, x.dtype), b) for b in batches}
         assert len(shapes) == 1

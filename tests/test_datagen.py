@@ -1,19 +1,18 @@
-"""Tests of phljax.datagen: dispersion derivatives, Hessian checks, normal-mode sampling, cache.
+"""Tests of phljax.datagen: unit tables, dispersion derivatives, Hessian checks, normal-mode sampling,
+the measurement scripts and the one source of every default.
 
 Everything PySCF does here is HF/STO-3G on H2O, so each test takes seconds on 2 cores.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from script_loader import load_script
 
-from phljax.datagen.dft import HessianCheckError, hessian_checks, validate_hessian
+from phljax import units
+from phljax.datagen.dft import HESSIAN_LIMITS, HessianCheckError, hessian_checks, validate_hessian
 from phljax.datagen.dispersion import (
-    BOHR_ANGSTROM,
     C6_D2_JNM6,
     CHG_A,
     JNM6_PER_MOL_TO_HARTREE_BOHR6,
@@ -21,7 +20,8 @@ from phljax.datagen.dispersion import (
     chg_dispersion,
     chg_dispersion_energy,
 )
-from phljax.datagen.sampling import KB_HARTREE_PER_K, sample_normal_modes
+from phljax.datagen.sampling import sample_normal_modes
+from phljax.units import DFT_BOHR, DFT_KB
 
 # A bent, non-symmetric C/H/N/O cluster in Bohr with pair distances from ~2 to ~9 Bohr, so the
 # damping function is probed from strongly damped (r < R_r) to asymptotic (r >> R_r).
@@ -48,6 +48,23 @@ def _fd_gradient(f, x, h=1e-4):
     return g
 
 
+# ----------------------------------------------------------------------------- units
+
+
+def test_dft_and_reader_unit_tables_agree():
+    """The DFT side's CODATA 2018 constants and the reader side's ase (CODATA 2014) ones are two
+    editions of the same quantities: equal to 1e-8, and the DFT side consistent in itself."""
+    np.testing.assert_allclose(units.DFT_BOHR, units.BOHR, rtol=1e-8)
+    np.testing.assert_allclose(units.DFT_HARTREE, units.HARTREE, rtol=1e-8)
+    np.testing.assert_allclose(units.DFT_HARTREE_KCAL_MOL, units.HARTREE / units.KCAL_MOL, rtol=1e-8)
+    np.testing.assert_allclose(units.DFT_HARTREE_KJ_MOL, units.HARTREE / units.KJ_MOL, rtol=1e-8)
+    np.testing.assert_allclose(units.DFT_HARTREE_KJ_MOL, 4.184 * units.DFT_HARTREE_KCAL_MOL, rtol=1e-12)
+    from ase.units import kB  # eV/K
+
+    np.testing.assert_allclose(units.DFT_KB * units.DFT_HARTREE, kB, rtol=1e-6)
+    assert units.DFT_BOHR != units.BOHR  # two sets on purpose (see phljax/units.py): neither may move
+
+
 # ----------------------------------------------------------------------------- dispersion
 
 
@@ -57,13 +74,13 @@ def test_d2_constants_match_psi4_tables():
     psi4_rvdw = {1: 1.89161571498900, 6: 2.74388213602800, 7: 2.63994720663300, 8: 2.53601227723800}
     for z in (1, 6, 7, 8):
         np.testing.assert_allclose(C6_D2_JNM6[z] * JNM6_PER_MOL_TO_HARTREE_BOHR6, psi4_c6[z], rtol=2e-6)
-        np.testing.assert_allclose(R0_D2_ANGSTROM[z] / BOHR_ANGSTROM, psi4_rvdw[z], rtol=2e-6)
+        np.testing.assert_allclose(R0_D2_ANGSTROM[z] / DFT_BOHR, psi4_rvdw[z], rtol=2e-6)
 
 
 def test_pair_energy_closed_form():
     """At r = R_r the damping is 1/(1+a); far away E -> -C6/r^6."""
     c6_oo = C6_D2_JNM6[8] * JNM6_PER_MOL_TO_HARTREE_BOHR6
-    rr = 2 * R0_D2_ANGSTROM[8] / BOHR_ANGSTROM
+    rr = 2 * R0_D2_ANGSTROM[8] / DFT_BOHR
     pos = np.array([[0.0, 0.0, 0.0], [rr, 0.0, 0.0]])
     e = chg_dispersion_energy(np.array([8, 8]), pos)
     np.testing.assert_allclose(e, -c6_oo / rr**6 / (1 + CHG_A), rtol=1e-12)
@@ -214,7 +231,7 @@ def test_label_geometry_parts_and_layout(h2o_label):
         pos = _H2O_POS.copy()
         pos[1, 1] += sgn * step_ang
         cols.append(label_geometry(_H2O_NUMBERS, pos, _cheap_level(), hessian=False)["gradient"])
-    col_fd = (cols[0] - cols[1]) / (2 * step_ang / BOHR_ANGSTROM)  # Hartree/Bohr^2
+    col_fd = (cols[0] - cols[1]) / (2 * step_ang / DFT_BOHR)  # Hartree/Bohr^2
     np.testing.assert_allclose(out["hessian"][:, :, 1, 1], col_fd, atol=2e-5)
     assert np.abs(col_fd).max() > 0.1
 
@@ -232,7 +249,7 @@ def test_normal_mode_sampling_h2o(h2o_label):
     samples, e_harm = sample_normal_modes(_H2O_POS, nm["modes"], nm["omega2"], nm["freq_cm"], 4000, temperature, rng)
     assert samples.shape == (4000, 3, 3)
     # Each of the 3 modes carries k_B T / 2 on average.
-    kt = KB_HARTREE_PER_K * temperature
+    kt = DFT_KB * temperature
     np.testing.assert_allclose(e_harm.mean(), 1.5 * kt, rtol=0.06)
     disp = samples - _H2O_POS[None]
     rms = np.sqrt((disp**2).sum(-1).mean())
@@ -264,10 +281,10 @@ def test_rectilinear_stretch_of_a_turn_and_a_stretch():
     pos = np.array([[0.0, 0.0, 0.0], [d0, 0.0, 0.0]])
     turn = np.array([[0.0, -1.0, 0.0], [0.0, 1.0, 0.0]]) / np.sqrt(2)
     stretch = np.array([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]) / np.sqrt(2)
-    omega2 = np.full(3, KB_HARTREE_PER_K * 500.0 / s**2)  # so that sigma = s at 500 K
+    omega2 = np.full(3, DFT_KB * 500.0 / s**2)  # so that sigma = s at 500 K
     omega2[2] = -1.0  # imaginary: not measured
     out = rectilinear_stretch([1, 1], pos, np.stack([turn, stretch, turn]), omega2, 500.0)
-    a = s * BOHR_ANGSTROM / np.sqrt(2)
+    a = s * DFT_BOHR / np.sqrt(2)
     np.testing.assert_allclose(out, [np.sqrt(1 + (2 * a / d0) ** 2) - 1, 0.0, 0.0], atol=1e-12)
 
 
@@ -275,7 +292,6 @@ def test_rotation_like_modes_of_a_weak_complex_are_frozen():
     """CO2...H2 (the bundled hcooh_co2_h2 product): straight steps along its H2 librations broke
     H-H in 19 of 20 samples at 500 K. Those modes are found, and without them no bond stretches
     by more than 25%; the reactant (formic acid) keeps every mode."""
-    from phljax import units
     from phljax.data import bundled_path, read_h5
     from phljax.datagen.sampling import bonded_pairs, normal_modes, rectilinear_stretch
 
@@ -298,49 +314,6 @@ def test_rotation_like_modes_of_a_weak_complex_are_frozen():
         assert np.abs(d / d0 - 1).max() < 0.25, point
 
 
-def test_pipeline_resumes_and_assembles(tmp_path, monkeypatch):
-    """A tiny HF/STO-3G run writes one file per calculation, recomputes nothing, and assembles."""
-    pytest.importorskip("pyscf")
-    pytest.importorskip("geometric")
-    from phljax.datagen import pipeline
-
-    cfg = pipeline.NMSConfig(molecules=("h2o",), n_samples=2, level=_cheap_level())
-    cache = str(tmp_path / "cache")
-    pipeline.run(cfg, cache)
-    names = sorted(os.listdir(cache))
-    for f in ("h2o_opt.npz", "h2o_0000.npz", "h2o_0001.npz", "h2o_0002.npz", "h2o_samples.npz"):
-        assert f in names
-    mtimes = {f: os.path.getmtime(os.path.join(cache, f)) for f in names}
-
-    def fail(*args, **kwargs):
-        raise AssertionError("recomputed a cached geometry")
-
-    from phljax.datagen import labels
-
-    monkeypatch.setattr(labels, "label_geometry", fail)
-    monkeypatch.setattr(pipeline, "optimize_geometry", fail)
-    pipeline.run(cfg, cache)
-    assert {f: os.path.getmtime(os.path.join(cache, f)) for f in names} == mtimes
-
-    records = pipeline.cached_records(cache)
-    mols = pipeline.to_molecules(records)
-    assert len(mols) == 3
-    from ase import units
-
-    r0 = records[0]
-    np.testing.assert_allclose(mols[0].energy, float(r0["energy"]) * units.Hartree, rtol=1e-14)
-    np.testing.assert_allclose(mols[0].forces, -r0["gradient"] * units.Hartree / units.Bohr, rtol=1e-14)
-    assert np.abs(mols[0].forces).max() < 1e-2  # the optimised minimum, eV/Angstrom
-    try:
-        from phljax.data import read_h5  # noqa: F401
-    except ImportError:
-        pytest.skip("phljax.data writer not available")
-    out = str(tmp_path / "set.h5")
-    summary = pipeline.assemble(cache, out)
-    assert summary["n_geometries"] == 3 and summary["molecules"]["h2o"]["n_atoms"] == 3
-    assert os.path.getsize(out) > 0
-
-
 def test_derivative_check_scripts_at_a_cheap_level():
     """label_cost.py and check_derivatives.py measure what their tables say (HF/STO-3G, seconds)."""
     from phljax.datagen.dft import LevelOfTheory
@@ -355,3 +328,38 @@ def test_derivative_check_scripts_at_a_cheap_level():
     grads = cd.gradient_check("H2O", level, seed=0)
     # central differences at h = 2e-3 A leave O(h^2) ~ 2e-6 Eh/a0 of truncation
     assert grads["error_default"] < 1e-5 and grads["max_abs_gradient"] > 1e-3  # off the minimum
+
+
+# ----------------------------------------------------------------------------- defaults
+
+
+def test_make_dataset_without_flags_asks_for_the_default_configuration():
+    """Every default of make_dataset.py is the ReactionConfig's (so a run without flags resumes the
+    bundled cache), and every labelling function checks Hessians with the same limits."""
+    import inspect
+
+    from phljax.datagen import labels
+    from phljax.datagen.reactions.spec import ACCEPTANCE, ReactionConfig
+
+    script = load_script("experiments", "make_dataset")
+    assert script.config(script.parse_args([])) == ReactionConfig()
+    assert set(ACCEPTANCE) == {"max_asym_rel", "max_sum_rule_rel"}
+    for fn in (validate_hessian, labels.label_hessian):
+        params = inspect.signature(fn).parameters
+        for name in ACCEPTANCE:
+            assert params[name].default == getattr(HESSIAN_LIMITS, name) == getattr(ReactionConfig(), name), fn
+    with pytest.raises(SystemExit):  # probe kinds are the ones make_probes draws
+        script.parse_args(["--probe-kind", "uniform"])
+
+
+def test_probe_kinds_are_ones_training_knows():
+    """HVP labels drawn with a datagen probe kind can be trained with the same kind of probe."""
+    from phljax.datagen.labels import PROBE_KINDS, make_probes
+    from phljax.probes import DISTRIBUTIONS
+
+    assert set(PROBE_KINDS) <= set(DISTRIBUTIONS)
+    for kind in PROBE_KINDS:
+        v = make_probes(kind, 2000, 2, np.random.default_rng(0)).reshape(2000, 6)
+        np.testing.assert_allclose(v.T @ v / 2000, np.eye(6), atol=0.2)  # E[v v^T] = I, as phljax.probes'
+    with pytest.raises(ValueError, match="unknown probe kind"):
+        make_probes("uniform", 1, 2, np.random.default_rng(0))

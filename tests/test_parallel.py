@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from conftest import REPO, SUBPROCESS_ENV
 
-from phljax import parallel
+from phljax import distributed
 
 pytestmark = pytest.mark.multidevice
 
@@ -62,43 +62,43 @@ def no_cluster(monkeypatch):
     return calls
 
 
-def test_initialize_distributed_single_process_does_nothing(no_cluster, monkeypatch):
-    assert not parallel.initialize_distributed()
-    assert not parallel.initialize_distributed(num_processes=1)
+def test_initialize_single_process_does_nothing(no_cluster, monkeypatch):
+    assert not distributed.initialize()
+    assert not distributed.initialize(num_processes=1)
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task SLURM job is one process
     for key in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID"):
         monkeypatch.setenv(key, "0")
-    assert not parallel.initialize_distributed()
+    assert not distributed.initialize()
     assert no_cluster == []
 
 
-def test_initialize_distributed_from_flags_environment_and_slurm(no_cluster, monkeypatch):
-    parallel.initialize_distributed("node0:1234", 4, 3)
+def test_initialize_from_flags_environment_and_slurm(no_cluster, monkeypatch):
+    distributed.initialize("node0:1234", 4, 3)
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "node1:1234")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
-    parallel.initialize_distributed()
-    parallel.initialize_distributed(process_id=0)  # flags win over the environment
+    distributed.initialize()
+    distributed.initialize(process_id=0)  # flags win over the environment
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(key)
     slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "8"}
     for key, value in {**slurm, "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}.items():
         monkeypatch.setenv(key, value)
-    parallel.initialize_distributed()  # jax reads the rest from SLURM
+    distributed.initialize()  # jax reads the rest from SLURM
     assert no_cluster == [("node0:1234", 4, 3), ("node1:1234", 2, 1), ("node1:1234", 2, 0), (None, None, None)]
 
 
-def test_initialize_distributed_refuses_incomplete_settings(no_cluster, monkeypatch):
+def test_initialize_refuses_incomplete_settings(no_cluster, monkeypatch):
     with pytest.raises(ValueError, match="needs --num-processes, --process-id"):
-        parallel.initialize_distributed("node0:1234")
+        distributed.initialize("node0:1234")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     with pytest.raises(ValueError, match="needs --coordinator-address, --process-id"):
-        parallel.initialize_distributed()
+        distributed.initialize()
     with pytest.raises(ValueError, match=r"--process-id 2 must lie in \[0, 2\)"):
-        parallel.initialize_distributed("node0:1234", process_id=2)
+        distributed.initialize("node0:1234", process_id=2)
     monkeypatch.setenv("JAX_PROCESS_ID", "one")
     with pytest.raises(ValueError, match="JAX_PROCESS_ID must be an integer"):
-        parallel.initialize_distributed("node0:1234")
+        distributed.initialize("node0:1234")
     assert no_cluster == []
 
 

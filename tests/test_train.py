@@ -17,7 +17,7 @@ from conftest import REPO, SUBPROCESS_ENV, TINY, cli_args, count_traces
 
 import phljax
 from phljax.data import Molecule
-from phljax.models import init_params
+from phljax.train.loop import initial_record
 from phljax.units import KCAL_MOL
 
 
@@ -28,16 +28,7 @@ def _metrics(workdir):
 
 def _template(run, config):
     """A state record with the structure `phljax.train` checkpoints."""
-    optimizer = phljax.make_optimizer(config.learning_rate, steps_per_epoch=run.steps_per_epoch)
-    params = init_params(run.model, next(run.batches("train")), jax.random.PRNGKey(0))
-    state = phljax.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(1))
-    return {
-        "state": state._asdict(),
-        "epoch": np.zeros((), np.int32),
-        "best_val": np.array(np.inf),
-        "bad_epochs": np.zeros((), np.int32),
-        "monitor": np.array(1e30),
-    }
+    return initial_record(run, run.optimizer())
 
 
 def _assert_trees_equal(a, b, rtol=0.0):
@@ -244,15 +235,13 @@ def test_holdout_categories_are_only_tested(molecules, tiny_config):
     """--holdout keeps whole categories (the paper's IRC and NMS sets) out of train and val."""
     import dataclasses
 
-    from phljax.train.loop import Run
-
     mols = [dataclasses.replace(m, meta={**m.meta, "category": "irc" if i % 3 == 0 else "rtp"})
             for i, m in enumerate(molecules)]  # fmt: skip
-    run = Run(tiny_config.replace(holdout=("irc",)), mols)
+    run = phljax.prepare(tiny_config.replace(holdout=("irc",)), mols)
     cat = {name: {mols[i].meta["category"] for i in idx} for name, idx in run.splits.items()}
     assert cat["train"] == cat["val"] == {"rtp"} and "irc" in cat["test"]
-    assert sum(m.meta["category"] == "irc" for _, m in run.subset("test")) == len(mols) // 3
-    plain = Run(tiny_config, molecules)
+    assert sum(m.meta["category"] == "irc" for m in run.subset("test")) == len(mols) // 3
+    plain = phljax.prepare(tiny_config, molecules)
     assert sum(len(v) for v in plain.splits.values()) == len(molecules)
-    with pytest.raises(ValueError, match="no molecule has these categories"):
-        Run(tiny_config.replace(holdout=("ts",)), mols)
+    with pytest.raises(ValueError, match="no molecule has category"):
+        phljax.prepare(tiny_config.replace(holdout=("ts",)), mols)

@@ -6,11 +6,13 @@ from phljax.data.prepare import (
     DEFAULT_DATA,
     bundled_path,
     check_elements,
+    dataset_statistics,
     default_data,
     fit_atomic_energies,
     force_rms,
     load,
     mean_neighbors,
     split,
+    split_indices,
 )
 from phljax.data.records import Molecule, formula, to_atomic_numbers

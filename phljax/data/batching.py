@@ -112,6 +112,8 @@ def make_batch(
     cutoff: float,
     indices: Sequence[int] | None = None,
     dtype=np.float32,
+    *,
+    require_labels: bool = True,
 ) -> GraphBatch:
     """Pad `molecules` into one `GraphBatch` of the budget's shapes.
 
@@ -121,6 +123,8 @@ def make_batch(
         cutoff: edge cutoff, Angstrom.
         indices: global index of each molecule (keys fixed probes); default 0..len-1.
         dtype: float dtype of positions and labels.
+        require_labels: refuse records without energy and forces (training, evaluation); False
+            for inference (`phljax.Potential`), where missing labels are zeros.
 
     Raises:
         ValueError: if the molecules do not fit, or a label the budget asks for is missing.
@@ -170,9 +174,11 @@ def make_batch(
         graph_index[g] = index
         graph_nodes[g, :n] = np.arange(node, node + n)
         if m.energy is None or m.forces is None:
-            raise ValueError(f"{where}: training needs an energy and forces")
-        energy[g] = m.energy
-        forces[sl] = m.forces
+            if require_labels:
+                raise ValueError(f"{where}: training needs an energy and forces")
+        else:
+            energy[g] = m.energy
+            forces[sl] = m.forces
         if hessian is not None:
             if m.hessian is None:
                 raise ValueError(f"{where}: this scheme needs a reference Hessian, the record has none")

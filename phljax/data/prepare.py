@@ -18,6 +18,8 @@ __all__ = [
     "default_data",
     "load",
     "split",
+    "split_indices",
+    "dataset_statistics",
     "fit_atomic_energies",
     "force_rms",
     "mean_neighbors",
@@ -62,6 +64,53 @@ def split(n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -
     order = np.random.default_rng(seed).permutation(n)
     bounds = np.round(np.cumsum(fractions)[:-1] * n).astype(int)
     return tuple(np.sort(part) for part in np.split(order, bounds))
+
+
+def split_indices(
+    molecules: Sequence[Molecule],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    holdout: Sequence[str] = (),
+    test_reactions: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
+    """Train/val/test indices into `molecules` (sorted int arrays).
+
+    Records whose `meta['category']` is in `holdout` (e.g. the paper's irc, nms) or whose
+    `meta['reaction']` is in `test_reactions` are never trained or validated on: they all go to
+    test. The rest is split at random by `seed` into 1 - val - test, val and test fractions.
+
+    Raises:
+        ValueError: a holdout category or test reaction that no record has (quoting what the data
+            have), or an empty training split.
+    """
+    held = np.zeros(len(molecules), bool)
+    for key, wanted, flag in (("category", holdout, "--holdout"), ("reaction", test_reactions, "--test-reactions")):
+        if not wanted:
+            continue
+        values = np.array([str(m.meta.get(key, "")) for m in molecules])
+        missing = sorted(set(wanted) - set(values.tolist()))
+        if missing:
+            raise ValueError(f"{flag} {list(wanted)}: no molecule has {key} {missing} "
+                             f"(the data have {sorted(set(values.tolist()))})")  # fmt: skip
+        held |= np.isin(values, list(wanted))
+    pool = np.nonzero(~held)[0]
+    fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
+    train, val, test = (pool[i] for i in split(len(pool), fractions, seed))
+    if len(train) == 0:
+        raise ValueError("the training split is empty")
+    return {"train": train, "val": val, "test": np.sort(np.concatenate([test, np.nonzero(held)[0]]))}
+
+
+def dataset_statistics(molecules: Sequence[Molecule], elements: Sequence[int], cutoff: float) -> dict:
+    """What the model takes from its training data: `avg_num_neighbors` (within `cutoff` A),
+    `atomic_energies` ([len(elements)] eV, least squares) and the energy `scale` (RMS force, eV/A)."""
+    return dict(
+        avg_num_neighbors=mean_neighbors(molecules, cutoff),
+        atomic_energies=fit_atomic_energies(molecules, elements).tolist(),
+        scale=force_rms(molecules),
+    )
 
 
 def check_elements(molecules: Sequence[Molecule], elements: Sequence[int]) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
+from ase.formula import Formula
 
 __all__ = ["Molecule", "to_atomic_numbers", "formula"]
 
@@ -129,6 +130,4 @@ def to_atomic_numbers(species, where: str = "species") -> np.ndarray:
 
 def formula(numbers: np.ndarray) -> str:
     """Hill formula, e.g. [6, 1, 1, 8] -> 'CH2O'."""
-    from ase.formula import Formula
-
     return Formula.from_list([chemical_symbols[z] for z in numbers]).format("hill")

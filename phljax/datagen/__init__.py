@@ -2,11 +2,17 @@
 
 Modules:
     dispersion: the Chai--Head-Gordon damped D2 dispersion of omegaB97X-D (numpy, atomic units).
-    dft: PySCF energies, gradients, analytic Hessians, geomeTRIC optimisation, Hessian checks.
+    dft: PySCF energies, gradients, analytic Hessians, geomeTRIC optimisation, Hessian checks
+        (and their limits, :data:`~phljax.datagen.dft.HESSIAN_LIMITS`), FD HVPs.
     sampling: normal-mode sampling of distorted geometries around a minimum.
-    pipeline: the resumable, cached generation of the small bundled data set (and its assembly).
-    reactions: the reaction pipeline (minima, transition states, IRC, normal-mode samples).
-    card: the data card rendered from the cache summary.
+    cache: crash-safe cache files.
+    labels: one geometry's labels (analytic Hessian or FD HVPs) into the cache, and back out
+        as ``phljax.data.Molecule``.
+    reactions: the data-generation pipeline (minima, transition states, IRC, normal-mode
+        samples), run by ``experiments/make_dataset.py``.
+    card: the reaction set's data card, rendered from the cache summary.
+
+Unit constants come from :mod:`phljax.units` (its DFT-side, CODATA 2018 values).
 
 PySCF and geomeTRIC are imported lazily inside the functions that need them, so importing this
 package costs nothing when they are not installed.

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import numpy as np
 
-#: 1 Bohr in Angstrom (CODATA 2018, as in ase.units.Bohr and pyscf.lib.param.BOHR).
-BOHR_ANGSTROM = 0.529177210903
+from phljax.units import DFT_BOHR, DFT_HARTREE_KJ_MOL
+
 #: 1 J nm^6 mol^-1 in Hartree Bohr^6: 1e-3 / (kJ/mol per Hartree) * (Bohr per nm)^6.
-JNM6_PER_MOL_TO_HARTREE_BOHR6 = 1e-3 / 2625.4996394799 * (10.0 / BOHR_ANGSTROM) ** 6
+JNM6_PER_MOL_TO_HARTREE_BOHR6 = 1e-3 / DFT_HARTREE_KJ_MOL * (10.0 / DFT_BOHR) ** 6
 
 #: Grimme D2 atomic C6 coefficients, J nm^6 mol^-1, by atomic number (J. Comput. Chem. 27, 1787).
 C6_D2_JNM6: dict[int, float] = {1: 0.14, 6: 1.75, 7: 1.23, 8: 0.70}
@@ -57,7 +57,7 @@ def _pair_tables(numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if missing:
         raise ValueError(f"no D2 dispersion parameters for atomic numbers {missing}; available: {sorted(C6_D2_JNM6)}")
     c6 = np.array([C6_D2_JNM6[int(z)] for z in numbers]) * JNM6_PER_MOL_TO_HARTREE_BOHR6
-    r0 = np.array([R0_D2_ANGSTROM[int(z)] for z in numbers]) / BOHR_ANGSTROM
+    r0 = np.array([R0_D2_ANGSTROM[int(z)] for z in numbers]) / DFT_BOHR
     return np.sqrt(np.outer(c6, c6)), r0[:, None] + r0[None, :]
 
 

@@ -17,8 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from phljax import units
+from phljax.data import Molecule
 from phljax.datagen.cache import load_json, save_json, save_npz
 from phljax.datagen.dft import (
+    FD_STEP,
+    HESSIAN_LIMITS,
     HessianCheckError,
     LevelOfTheory,
     SCFNotConvergedError,
@@ -31,7 +35,19 @@ from phljax.datagen.dft import (
 
 log = logging.getLogger("phljax.datagen")
 
-__all__ = ["is_done", "label_hessian", "label_hvp", "make_probes", "passes_now", "rejection", "to_molecules"]
+__all__ = [
+    "PROBE_KINDS",
+    "is_done",
+    "label_hessian",
+    "label_hvp",
+    "make_probes",
+    "passes_now",
+    "rejection",
+    "to_molecules",
+]
+
+#: The probe distributions :func:`make_probes` draws (named as in :data:`phljax.probes.DISTRIBUTIONS`).
+PROBE_KINDS = ("gaussian", "onehot")
 
 
 def is_done(stem: str) -> bool:
@@ -74,8 +90,8 @@ def label_hessian(
     positions: np.ndarray,  # [N, 3] Angstrom
     level: LevelOfTheory,
     extra: dict[str, Any],
-    max_asym_rel: float = 1e-3,
-    max_sum_rule_rel: float = 1e-2,
+    max_asym_rel: float = HESSIAN_LIMITS.max_asym_rel,
+    max_sum_rule_rel: float = HESSIAN_LIMITS.max_sum_rule_rel,
 ) -> bool:
     """Energy, gradient and checked analytic Hessian of one geometry -> ``<stem>.npz``.
 
@@ -138,7 +154,7 @@ def make_probes(kind: str, num_probes: int, n_atoms: int, rng: np.random.Generat
         v = np.zeros((num_probes, d))
         v[np.arange(num_probes), rng.integers(0, d, num_probes)] = np.sqrt(d)
         return v.reshape(num_probes, n_atoms, 3)
-    raise ValueError(f"unknown probe kind {kind!r}: expected 'gaussian' or 'onehot'")
+    raise ValueError(f"unknown probe kind {kind!r}: expected one of {PROBE_KINDS}")
 
 
 def label_hvp(
@@ -148,7 +164,7 @@ def label_hvp(
     probes: np.ndarray,  # [K, N, 3]
     level: LevelOfTheory,
     extra: dict[str, Any],
-    step: float = 5e-3,  # Angstrom
+    step: float = FD_STEP,  # Angstrom
     reference_hessian: np.ndarray | None = None,  # [N, 3, N, 3] Hartree/Bohr^2
 ) -> bool:
     """Hessian-free labels: energy, gradient and finite-difference HVPs -> ``<stem>.npz``.
@@ -216,11 +232,7 @@ def to_molecules(records: list[dict[str, Any]], symmetrize: bool = True) -> list
         ``Molecule`` records: energy eV, forces eV/Angstrom, Hessian [N, 3, N, 3] or HVPs
         [K, N, 3] eV/Angstrom^2, with the provenance keys of the record in ``meta``.
     """
-    from ase import units
-
-    from phljax.data import Molecule
-
-    ha, bohr = float(units.Hartree), float(units.Bohr)
+    ha, bohr = units.HARTREE, units.BOHR  # the reader side's constants, as phljax.data.read_h5
     mols = []
     for r in records:
         n = len(r["numbers"])

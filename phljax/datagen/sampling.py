@@ -23,11 +23,17 @@ References:
 from __future__ import annotations
 
 import numpy as np
+from ase.build import molecule
+from ase.data import covalent_radii
 
-from phljax.datagen.dispersion import BOHR_ANGSTROM
+from phljax.units import DFT_BOHR, DFT_KB
 
-#: Boltzmann constant in Hartree/K (CODATA 2018: 3.166811563e-6).
-KB_HARTREE_PER_K = 3.166811563e-6
+#: Default sampling temperature, Kelvin.
+NMS_TEMPERATURE = 500.0
+#: Modes softer than this are not displaced by default, cm^-1.
+MIN_FREQ_CM = 50.0
+#: Two atoms are bonded when closer than this times the sum of their covalent radii.
+BOND_SCALE = 1.2
 
 
 def normal_modes(
@@ -52,8 +58,8 @@ def normal_modes(
     Raises:
         ValueError: on inconsistent shapes.
     """
-    from pyscf import gto
-    from pyscf.hessian import thermo
+    from pyscf import gto  # noqa: PLC0415 (optional: the `data` extra)
+    from pyscf.hessian import thermo  # noqa: PLC0415 (optional: the `data` extra)
 
     numbers = np.asarray(numbers, dtype=int)
     n = numbers.shape[0]
@@ -87,9 +93,9 @@ def sample_normal_modes(
     omega2: np.ndarray,  # [M] Hartree/(Bohr^2 amu)
     freq_cm: np.ndarray,  # [M] cm^-1
     n_samples: int,
-    temperature: float = 500.0,
+    temperature: float = NMS_TEMPERATURE,
     rng: np.random.Generator | None = None,
-    min_freq_cm: float = 50.0,
+    min_freq_cm: float = MIN_FREQ_CM,
     frozen: np.ndarray | None = None,  # [M] bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw geometries from the classical harmonic Boltzmann distribution at ``temperature``.
@@ -137,12 +143,12 @@ def sample_normal_modes(
     if not np.any(use):
         raise ValueError(f"no vibrational mode above {min_freq_cm} cm^-1 and not frozen (frequencies {freq_cm})")
     rng = np.random.default_rng() if rng is None else rng
-    kt = KB_HARTREE_PER_K * temperature  # Hartree
+    kt = DFT_KB * temperature  # Hartree
     sigma = np.sqrt(kt / omega2[use])  # [M_used] Bohr amu^1/2
     q = rng.standard_normal((n_samples, int(use.sum()))) * sigma  # [S, M_used]
     disp_bohr = np.einsum("sk,kia->sia", q, modes[use])  # [S, N, 3] Bohr
     energy = 0.5 * np.sum(omega2[use] * q**2, axis=1)  # [S] Hartree
-    return positions[None] + disp_bohr * BOHR_ANGSTROM, energy
+    return positions[None] + disp_bohr * DFT_BOHR, energy
 
 
 def distorted_g2(
@@ -155,15 +161,15 @@ def distorted_g2(
     A reproducible off-minimum geometry (non-zero forces) for derivative checks and cost
     measurements. Returns (numbers [N] int, positions [N, 3] Angstrom); draws from ``rng``.
     """
-    from ase.build import molecule
 
     atoms = molecule(name)
     return atoms.numbers, atoms.positions + rng.normal(0.0, sigma, atoms.positions.shape)
 
 
-def bonded_pairs(numbers: np.ndarray, positions: np.ndarray, scale: float = 1.2) -> tuple[np.ndarray, np.ndarray]:
+def bonded_pairs(
+    numbers: np.ndarray, positions: np.ndarray, scale: float = BOND_SCALE
+) -> tuple[np.ndarray, np.ndarray]:
     """Index arrays (i, j), i < j, of the pairs closer than ``scale`` times their summed covalent radii."""
-    from ase.data import covalent_radii
 
     r = covalent_radii[np.asarray(numbers)]
     positions = np.asarray(positions, dtype=np.float64)
@@ -176,7 +182,7 @@ def rectilinear_stretch(
     positions: np.ndarray,  # [N, 3] Angstrom
     modes: np.ndarray,  # [M, N, 3] amu^-1/2
     omega2: np.ndarray,  # [M] Hartree/(Bohr^2 amu)
-    temperature: float = 500.0,  # Kelvin
+    temperature: float = NMS_TEMPERATURE,  # Kelvin
 ) -> np.ndarray:  # [M] dimensionless
     """How much a straight-line step along each mode lengthens bonds that it should only turn.
 
@@ -207,6 +213,6 @@ def rectilinear_stretch(
     d0 = lengths(positions)
     for k, w2 in enumerate(np.asarray(omega2, dtype=np.float64)):
         if w2 > 0:
-            step = np.sqrt(KB_HARTREE_PER_K * temperature / w2) * modes[k] * BOHR_ANGSTROM  # [N, 3] Angstrom
+            step = np.sqrt(DFT_KB * temperature / w2) * modes[k] * DFT_BOHR  # [N, 3] Angstrom
             out[k] = np.max((lengths(positions + step) + lengths(positions - step) - 2 * d0) / (2 * d0))
     return out

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -10,42 +11,49 @@ import jax.numpy as jnp
 from phljax.data.batching import GraphBatch
 from phljax.models.nequip import NequIP
 
-__all__ = ["EnergyFn", "build_model", "make_energy_fn"]
+__all__ = ["EnergyFn", "build_model", "make_energy_fn", "init_params"]
 
 EnergyFn = Callable[[object, GraphBatch], jax.Array]  # (params, batch) -> [n_graphs] eV
 
+# NequIP's attributes and their defaults (flax's own `parent` and `name` are not hyper-parameters)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(NequIP) if f.name not in ("parent", "name")}
 
-def build_model(
-    *,
-    elements: Sequence[int] = (1, 6, 7, 8),
-    channels: int = 16,
-    num_layers: int = 2,
-    lmax: int = 2,
-    cutoff: float = 5.0,
-    num_radial: int = 8,
-    radial_hidden: int = 32,
-    avg_num_neighbors: float = 8.0,
-    atomic_energies: Sequence[float] | None = None,
-    scale: float = 1.0,
-) -> NequIP:
-    """A `NequIP` with validated hyper-parameters (cutoff in Angstrom, energies in eV)."""
-    if cutoff <= 0:
-        raise ValueError(f"cutoff must be positive (Angstrom), got {cutoff}")
-    if lmax < 0 or channels < 1 or num_layers < 1:
-        raise ValueError(f"need lmax >= 0, channels >= 1, num_layers >= 1; got {lmax}, {channels}, {num_layers}")
-    if atomic_energies is not None and len(atomic_energies) != len(elements):
-        raise ValueError(f"{len(atomic_energies)} atomic energies for {len(elements)} elements")
+
+def build_model(**hyperparameters) -> NequIP:
+    """A `NequIP` with validated hyper-parameters (cutoff in Angstrom, energies in eV).
+
+    Args:
+        **hyperparameters: any `NequIP` attribute (elements, channels, num_layers, lmax, cutoff,
+            num_radial, radial_hidden, and the data statistics avg_num_neighbors,
+            atomic_energies [len(elements)] eV, scale eV); the rest keep `NequIP`'s defaults,
+            the one place they are stated. `model.json` in a work directory holds exactly these.
+
+    Raises:
+        ValueError: for an unknown name or an out-of-range value, quoting it.
+    """
+    unknown = set(hyperparameters) - set(_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown model hyper-parameter(s) {sorted(unknown)}; expected some of {sorted(_DEFAULTS)}")
+    h = {**_DEFAULTS, **hyperparameters}
+    if h["cutoff"] <= 0:
+        raise ValueError(f"cutoff must be positive (Angstrom), got {h['cutoff']}")
+    if h["lmax"] < 0 or h["channels"] < 1 or h["num_layers"] < 1:
+        raise ValueError(
+            f"need lmax >= 0, channels >= 1, num_layers >= 1; got {h['lmax']}, {h['channels']}, {h['num_layers']}"
+        )
+    if h["atomic_energies"] is not None and len(h["atomic_energies"]) != len(h["elements"]):
+        raise ValueError(f"{len(h['atomic_energies'])} atomic energies for {len(h['elements'])} elements")
     return NequIP(
-        elements=tuple(int(z) for z in elements),
-        channels=channels,
-        num_layers=num_layers,
-        lmax=lmax,
-        cutoff=float(cutoff),
-        num_radial=num_radial,
-        radial_hidden=radial_hidden,
-        avg_num_neighbors=float(avg_num_neighbors),
-        atomic_energies=None if atomic_energies is None else tuple(float(e) for e in atomic_energies),
-        scale=float(scale),
+        elements=tuple(int(z) for z in h["elements"]),
+        channels=int(h["channels"]),
+        num_layers=int(h["num_layers"]),
+        lmax=int(h["lmax"]),
+        cutoff=float(h["cutoff"]),
+        num_radial=int(h["num_radial"]),
+        radial_hidden=int(h["radial_hidden"]),
+        avg_num_neighbors=float(h["avg_num_neighbors"]),
+        atomic_energies=None if h["atomic_energies"] is None else tuple(float(e) for e in h["atomic_energies"]),
+        scale=float(h["scale"]),
     )
 
 

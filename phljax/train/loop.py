@@ -1,4 +1,16 @@
-"""The training run: data -> model -> epochs with validation, checkpoints, early stopping -> test errors."""
+"""The training run: data -> splits -> model -> epochs with validation, checkpoints, stopping -> test errors.
+
+`prepare(config)` derives everything a run needs from its config and data with plain functions
+(`split_indices`, `dataset_statistics`, `distributed.resolve_devices`, `batch_budgets`) and
+returns it as a `Run` record; `train(config, run)` runs the epochs on the sharded step
+(`phljax.train.sharded`) and evaluates the best checkpoint (`phljax.evaluation`). The
+distributed runtime is initialised by the entry point (`experiments/run.py`) before either is
+called (`phljax.distributed.initialize`).
+
+A run stops at the first of: `epochs` (the cap), `early_stopping` epochs without a better
+validation loss, or the learning rate at its plateau floor (`min_lr_scale`) with `lr_patience`
+epochs without improvement there (converged: it cannot fall further). `results.json` says which.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +19,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,104 +27,59 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from phljax import data as phdata
+from phljax import distributed
 from phljax.checkpoint import Checkpointer
 from phljax.config import Config
+from phljax.data.batching import BatchBudget, GraphBatch
 from phljax.data.records import Molecule
-from phljax.evaluation import accumulate_errors, format_table
-from phljax.losses import SCHEMES
+from phljax.evaluation import (
+    accumulate_errors,
+    format_table,
+    in_kcal_mol,
+    make_eval_step,
+    stationary_metrics,
+    test_subsets,
+)
+from phljax.losses import SCHEMES, LossConfig
 from phljax.models import build_model, init_params, make_energy_fn
+from phljax.models.energy import EnergyFn
+from phljax.models.nequip import NequIP
+from phljax.potential import Potential
+from phljax.train import seeds
 from phljax.train.optim import learning_rate_scale, make_optimizer
-from phljax.train.step import TrainState, make_eval_step
-from phljax.units import KCAL_MOL
+from phljax.train.sharded import data_parallel_steps, global_batches
+from phljax.train.step import TrainState
 
-__all__ = ["Run", "prepare", "train"]
-
-# Fields that may change when a run is resumed from its work directory.
-_RESUMABLE = {
-    "epochs", "progress", "early_stopping", "workdir", "devices", "hessian_chunk",
-    "coordinator_address", "num_processes", "process_id",
-}  # fmt: skip
+__all__ = ["Run", "prepare", "check_labels", "batch_budgets", "split_batches", "initial_record", "train"]
 
 
+@dataclasses.dataclass
 class Run:
-    """Everything a run derives from its config: data splits, model, budget, functions."""
+    """What a run derives from its config and data (built by `prepare`; holds, does not compute)."""
 
-    def __init__(self, config: Config, molecules: Sequence[Molecule]):
-        self.config = config
-        self.dtype = np.float64 if config.x64 else np.float32
-        phdata.check_elements(molecules, config.elements)
-        loss_config = config.loss()
-        self.loss_config = loss_config
-        # Held-out categories (e.g. the paper's IRC and NMS sets) are never trained on: all test.
-        categories = np.array([str(m.meta.get("category", "")) for m in molecules])
-        held = np.isin(categories, list(config.holdout))
-        if config.holdout and not held.any():
-            raise ValueError(f"--holdout {list(config.holdout)}: no molecule has these categories "
-                             f"(the data have {sorted(set(categories.tolist()))})")  # fmt: skip
-        pool = np.nonzero(~held)[0]
-        train_idx, val_idx, test_idx = (
-            pool[i]
-            for i in phdata.split(
-                len(pool),
-                (1 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction),
-                config.split_seed,
-            )
-        )
-        test_idx = np.sort(np.concatenate([test_idx, np.nonzero(held)[0]]))
-        # global molecule indices key the fixed probes; keep them through the split
-        self.molecules = list(molecules)
-        self.splits = {"train": train_idx, "val": val_idx, "test": test_idx}
-        if len(train_idx) == 0:
-            raise ValueError("the training split is empty")
-        train = [self.molecules[i] for i in train_idx]
-        self._check_labels(train)
+    config: Config
+    loss_config: LossConfig
+    molecules: list[Molecule]  # every record; split indices and probe keys refer to this list
+    splits: dict[str, np.ndarray]  # 'train' | 'val' | 'test' -> sorted int indices
+    model_spec: dict  # model.json: hyper-parameters and data statistics
+    model: NequIP
+    energy_fn: EnergyFn
+    n_devices: int  # on the mesh, all processes
+    budget: BatchBudget  # one device's training batch
+    eval_budget: BatchBudget  # evaluation batches (with Hessians whenever the data have them)
+    steps_per_epoch: int
 
-        atomic_energies = phdata.fit_atomic_energies(train, config.elements)
-        self.model_spec = dict(
-            elements=config.elements,
-            channels=config.channels,
-            num_layers=config.num_layers,
-            lmax=config.lmax,
-            cutoff=config.cutoff,
-            num_radial=config.num_radial,
-            radial_hidden=config.radial_hidden,
-            avg_num_neighbors=phdata.mean_neighbors(train, config.cutoff),
-            atomic_energies=atomic_energies.tolist(),
-            scale=phdata.force_rms(train),
-        )
-        self.model = build_model(**self.model_spec)
-        self.energy_fn = make_energy_fn(self.model)
-        self.has_hessian = all(m.hessian is not None for m in self.molecules)
-        num_stored = min((m.num_probes for m in self.molecules), default=0)
-        from phljax import parallel  # noqa: PLC0415
+    @property
+    def dtype(self):
+        return np.float64 if self.config.x64 else np.float32
 
-        parallel.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
-        self.n_devices = parallel.resolve_devices(config.devices, config.batch_size)  # all processes
-        self.local_slots = parallel.local_slots(self.n_devices)  # this process's devices on the mesh
-        self.budget = phdata.budget_for(  # one device's share of a global batch
-            self.molecules,
-            config.batch_size // self.n_devices,
-            config.cutoff,
-            with_hessian=self.has_hessian and loss_config.needs_hessian,  # E-F batches carry no Hessians
-            num_probes=config.num_probes if loss_config.probe_mode == "data" and num_stored else 0,
-        )
-        # evaluation batches carry reference Hessians whenever the data have them
-        self.eval_budget = dataclasses.replace(self.budget, with_hessian=self.has_hessian)
-        self.steps_per_epoch = int(np.ceil(len(train_idx) / config.batch_size))
+    @property
+    def has_hessian(self) -> bool:
+        return self.eval_budget.with_hessian
 
-    def _check_labels(self, train: Sequence[Molecule]) -> None:
-        lc = self.loss_config
-        for i, m in enumerate(train):
-            where = m.meta.get("origin", f"molecule {i}")
-            if m.energy is None or m.forces is None:
-                raise ValueError(f"{where}: every scheme needs energies and forces")
-            if lc.needs_hessian and m.hessian is None:
-                raise ValueError(
-                    f"{where}: --probe={lc.probe} --probe-mode={lc.probe_mode} needs reference Hessians; "
-                    "use --probe-mode=data for files with stored probes and HVPs"
-                )
-            if lc.uses_hvp and lc.probe_mode == "data" and m.num_probes < lc.num_probes:
-                raise ValueError(f"{where}: --probe-mode=data needs {lc.num_probes} stored probes, has {m.num_probes}")
+    def subset(self, name: str) -> list[Molecule]:
+        """The records of split `name`."""
+        return [self.molecules[i] for i in self.splits[name]]
 
     def optimizer(self):
         """The configured optimizer; its plateau logic counts this run's steps per epoch."""
@@ -123,109 +90,181 @@ class Run:
             grad_clip=c.grad_clip,
             lr_factor=c.lr_factor,
             lr_patience=c.lr_patience,
+            min_lr_scale=c.min_lr_scale,
             steps_per_epoch=self.steps_per_epoch,
         )
 
-    def subset(self, name: str) -> list[tuple[int, Molecule]]:
-        return [(int(i), self.molecules[i]) for i in self.splits[name]]
 
-    def batches(self, name: str, shuffle_seed: int | None = None):
-        """Padded batches of a split (`graph_index` = global molecule index, which keys probes)."""
-        items = self.subset(name)
-        index = np.array([i for i, _ in items])
-        mols = [m for _, m in items]
-        for batch in phdata.iterate_batches(
-            mols, self.budget, self.config.cutoff, shuffle_seed=shuffle_seed, dtype=self.dtype
-        ):
-            yield batch._replace(
-                graph_index=np.where(batch.graph_index >= 0, index[batch.graph_index], -1).astype(np.int32)
+def check_labels(molecules: Sequence[Molecule], loss_config: LossConfig) -> None:
+    """Raise a ValueError naming the first record that lacks a label the scheme trains on."""
+    lc = loss_config
+    for i, m in enumerate(molecules):
+        where = m.meta.get("origin", f"molecule {i}")
+        if m.energy is None or m.forces is None:
+            raise ValueError(f"{where}: every scheme needs energies and forces")
+        if lc.needs_hessian and m.hessian is None:
+            raise ValueError(
+                f"{where}: --probe={lc.probe} --probe-mode={lc.probe_mode} needs reference Hessians; "
+                "use --probe-mode=data for files with stored probes and HVPs"
             )
-
-    def global_batches(self, name: str, shuffle_seed: int | None = None):
-        """Global batches of `batch_size` molecules, split evenly into one padded batch per device;
-        yields this process's sub-batches stacked on a leading [len(local_slots)] axis."""
-        from phljax.parallel import stack  # noqa: PLC0415
-
-        index = self.splits[name]
-        if shuffle_seed is not None:
-            index = index[np.random.default_rng(shuffle_seed).permutation(len(index))]
-        size, per = self.config.batch_size, self.config.batch_size // self.n_devices
-        for start in range(0, len(index), size):
-            chunk = index[start : start + size]
-            parts = [chunk[d * per : (d + 1) * per] for d in self.local_slots]
-            yield stack(
-                [
-                    phdata.make_batch(
-                        [self.molecules[i] for i in part], self.budget, self.config.cutoff, part, self.dtype
-                    )
-                    for part in parts
-                ]
-            )
+        if lc.uses_hvp and lc.probe_mode == "data" and m.num_probes < lc.num_probes:
+            raise ValueError(f"{where}: --probe-mode=data needs {lc.num_probes} stored probes, has {m.num_probes}")
 
 
-def prepare(config: Config) -> Run:
-    """Load the configured data (or the bundled reaction set, RTP + IRC + NMS) and derive the run."""
+def batch_budgets(molecules: Sequence[Molecule], config: Config, n_devices: int) -> tuple[BatchBudget, BatchBudget]:
+    """(one device's training budget, the evaluation budget), sized for every record.
+
+    Training batches carry reference Hessians only when the scheme needs them (E-F batches carry
+    none), stored probes only in `--probe-mode=data`; evaluation batches carry Hessians whenever
+    every record has one.
+    """
+    lc = config.loss()
+    has_hessian = all(m.hessian is not None for m in molecules)
+    num_stored = min((m.num_probes for m in molecules), default=0)
+    budget = phdata.budget_for(
+        molecules,
+        config.batch_size // n_devices,
+        config.cutoff,
+        with_hessian=has_hessian and lc.needs_hessian,
+        num_probes=config.num_probes if lc.probe_mode == "data" and num_stored else 0,
+    )
+    return budget, dataclasses.replace(budget, with_hessian=has_hessian)
+
+
+def prepare(config: Config, molecules: Sequence[Molecule] | None = None) -> Run:
+    """Everything a run derives from `config` and its data (loaded from `config.data`, or the
+    bundled reaction set, unless `molecules` are given).
+
+    Raises:
+        ValueError: for data the scheme cannot train on, a bad split, or a device count that does
+            not fit (each quoting what was received); also when the config asks for several
+            processes and `phljax.distributed.initialize` has not been called.
+    """
     if config.x64:
         jax.config.update("jax_enable_x64", True)
-    paths = list(config.data) or phdata.default_data()
-    molecules = phdata.load(paths, energy_unit=config.energy_unit, length_unit=config.length_unit)
-    return Run(config, molecules)
+    if distributed.requested(config.coordinator_address, config.num_processes, config.process_id) and not (
+        jax.distributed.is_initialized()
+    ):
+        raise ValueError(
+            "this config asks for several processes: call phljax.distributed.initialize(coordinator_address, "
+            "num_processes, process_id) first, before anything touches a JAX device (experiments/run.py does)"
+        )
+    if molecules is None:
+        paths = list(config.data) or phdata.default_data()
+        molecules = phdata.load(paths, energy_unit=config.energy_unit, length_unit=config.length_unit)
+    molecules = list(molecules)
+    phdata.check_elements(molecules, config.elements)
+    loss_config = config.loss()
+    splits = phdata.split_indices(
+        molecules,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.split_seed,
+        holdout=config.holdout,
+        test_reactions=config.test_reactions,
+    )
+    train_set = [molecules[i] for i in splits["train"]]
+    check_labels(train_set, loss_config)
+    model_spec = {
+        **config.model_hyperparameters(),
+        **phdata.dataset_statistics(train_set, config.elements, config.cutoff),
+    }
+    model = build_model(**model_spec)
+    n_devices = distributed.resolve_devices(config.devices, config.batch_size)
+    budget, eval_budget = batch_budgets(molecules, config, n_devices)
+    return Run(
+        config=config,
+        loss_config=loss_config,
+        molecules=molecules,
+        splits=splits,
+        model_spec=model_spec,
+        model=model,
+        energy_fn=make_energy_fn(model),
+        n_devices=n_devices,
+        budget=budget,
+        eval_budget=eval_budget,
+        steps_per_epoch=int(np.ceil(len(splits["train"]) / config.batch_size)),
+    )
+
+
+def split_batches(run: Run, name: str, shuffle_seed: int | None = None) -> Iterator[GraphBatch]:
+    """Global batches of split `name`, this process's sub-batches stacked (see `global_batches`)."""
+    c = run.config
+    return global_batches(
+        run.molecules,
+        run.splits[name],
+        run.budget,
+        batch_size=c.batch_size,
+        n_devices=run.n_devices,
+        cutoff=c.cutoff,
+        shuffle_seed=shuffle_seed,
+        dtype=run.dtype,
+    )
 
 
 def _check_workdir(config: Config) -> None:
+    """Refuse a work directory that holds a run of another config; write config.json."""
     path = os.path.join(config.workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
-            old = json.load(f)
+            old = json.loads(Config.from_json(f.read()).to_json())  # fields added since: their defaults
         new = json.loads(config.to_json())
-        changed = {k for k in new if k not in _RESUMABLE and old.get(k) != new[k]}
+        changed = {k for k in new if k not in Config.resumable_fields() and old.get(k) != new[k]}
         if changed:
             raise ValueError(
                 f"{config.workdir} holds a run with a different config ({sorted(changed)}); "
                 "use a new --workdir or the same settings to resume"
             )
-    from phljax.parallel import barrier, is_main_process  # noqa: PLC0415
-
-    barrier("check_workdir")  # every process has read the old config before process 0 writes
-    if is_main_process():
+    distributed.barrier("check_workdir")  # every process has read the old config before process 0 writes
+    if distributed.is_main_process():
         os.makedirs(config.workdir, exist_ok=True)
         with open(path, "w") as f:
             f.write(config.to_json())
 
 
-def train(config: Config, run: Run | None = None) -> dict:
-    """Train, resume if `config.workdir` holds a checkpoint, evaluate the best model on the test split.
-
-    Writes `<workdir>/config.json`, `metrics.jsonl` (one line per epoch), checkpoints and
-    `results.json`; returns the results dict and prints the results table.
-    """
-    from phljax.parallel import data_parallel_steps, is_main_process  # noqa: PLC0415 (parallel builds on train)
-
-    run = run or prepare(config)
-    _check_workdir(config)
-    if is_main_process():
-        with open(os.path.join(config.workdir, "model.json"), "w") as f:
-            json.dump(run.model_spec, f, indent=2)  # everything evaluate.py needs to rebuild the model
-    optimizer = run.optimizer()
-    chunk = config.hessian_chunk or None
-    first = next(run.batches("train"))
-    params = init_params(run.model, first, jax.random.PRNGKey(config.seed))
-    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(config.seed + 1))
-    record = {
+def initial_record(run: Run, optimizer) -> dict:
+    """The state a new run starts from, in the checkpoint's layout."""
+    keys = seeds.run_keys(run.config.seed)
+    first = run.subset("train")[: run.budget.n_graphs - 1]  # the parameters are built on one batch's shapes
+    params = init_params(run.model, phdata.make_batch(first, run.budget, run.config.cutoff, dtype=run.dtype), keys.init)
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), keys.probes)
+    return {
         "state": state._asdict(),
         "epoch": np.zeros((), np.int32),
         "best_val": np.array(np.inf),
         "bad_epochs": np.zeros((), np.int32),
         "monitor": np.array(1e30),
     }
+
+
+def train(config: Config, run: Run | None = None) -> dict:
+    """Train, resume if `config.workdir` holds a checkpoint, evaluate the best model on the test split.
+
+    Writes `<workdir>/config.json`, `model.json`, `metrics.jsonl` (one line per epoch), checkpoints
+    and `results.json`; returns the results dict and prints the results table.
+    """
+    run = run or prepare(config)
+    _check_workdir(config)
+    if distributed.is_main_process():
+        with open(os.path.join(config.workdir, "model.json"), "w") as f:
+            json.dump(run.model_spec, f, indent=2)  # everything Potential.from_workdir needs to rebuild the model
+    optimizer = run.optimizer()
     ckpt = Checkpointer(config.workdir)
+    record = initial_record(run, optimizer)
     restored = ckpt.restore_latest(record)
     if restored is not None:
         record = restored
-        state = TrainState(**record["state"])
+    state = TrainState(**record["state"])
     start = int(record["epoch"])
 
-    train_step, val_loss_step, put = data_parallel_steps(run, optimizer, hessian_chunk=chunk)
+    keys = seeds.run_keys(config.seed)
+    train_step, val_loss_step, put = data_parallel_steps(
+        run.energy_fn, run.loss_config, optimizer, run.n_devices, val_key=keys.val,
+        hessian_chunk=config.hessian_chunk or None,
+    )  # fmt: skip
+    eval_step = jax.jit(
+        make_eval_step(run.energy_fn, with_hessian=run.has_hessian, hessian_chunk=config.hessian_chunk or None)
+    )
     state = put(state)
 
     metrics_path = os.path.join(config.workdir, "metrics.jsonl")
@@ -234,16 +273,19 @@ def train(config: Config, run: Run | None = None) -> dict:
         range(start, config.epochs),
         initial=start,
         total=config.epochs,
-        disable=not config.progress or not is_main_process(),
+        disable=not config.progress or not distributed.is_main_process(),
         desc=SCHEMES[config.probe],
     )
+    stopped = "epochs"
     for epoch in epochs:
-        if config.early_stopping and bad >= config.early_stopping:
+        reason = _stop_reason(config, bad, learning_rate_scale(state.opt_state))
+        if reason:
+            stopped = reason
             break
         t0 = time.perf_counter()
         sums = collections.defaultdict(float)
         n = 0
-        for batch in run.global_batches("train", shuffle_seed=config.seed * 100003 + epoch):
+        for batch in split_batches(run, "train", shuffle_seed=seeds.shuffle_seed(config.seed, epoch)):
             state, m = train_step(state, batch, jnp.asarray(monitor, run.dtype))
             for k, v in m.items():
                 sums[k] += v
@@ -264,9 +306,17 @@ def train(config: Config, run: Run | None = None) -> dict:
             "val_loss": val,
             "lr": config.learning_rate * learning_rate_scale(state.opt_state),
             "epoch_time_s": t_train,
-            "wall_time_s": time.perf_counter() - t0,
         }
-        if is_main_process():
+        if (
+            config.val_errors_every
+            and len(run.splits["val"])
+            and ((epoch + 1) % config.val_errors_every == 0 or epoch + 1 == config.epochs)
+        ):
+            errors = accumulate_errors(eval_step, state.params, run.subset("val"), run.eval_budget, config.cutoff,
+                                       run.dtype)  # fmt: skip
+            line.update({f"val_{k}": v for k, v in errors.items() if k.endswith("_rmse")})  # eV units
+        line["wall_time_s"] = time.perf_counter() - t0
+        if distributed.is_main_process():
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
         epochs.set_postfix(loss=f"{train_metrics['loss']:.3g}", val=f"{val:.3g}")
@@ -278,15 +328,26 @@ def train(config: Config, run: Run | None = None) -> dict:
             "monitor": np.array(monitor),
         }
         ckpt.save(epoch + 1, record, is_best=improved)
+    else:
+        stopped = _stop_reason(config, bad, learning_rate_scale(state.opt_state)) or "epochs"
     best = ckpt.restore_best(record)
     ckpt.close()
-    params = best["state"]["params"] if best is not None else jax.device_get(state.params)
-    return _finish(config, run, params)
+    params = put(best["state"]["params"]) if best is not None else state.params  # replicated, as in training:
+    return _finish(config, run, eval_step, params, stopped)  # the eval step traced for validation serves
+
+
+def _stop_reason(config: Config, bad: int, lr_scale: float) -> str | None:
+    """Why the run stops before another epoch: 'early_stopping', 'lr_floor' or None (go on)."""
+    if config.early_stopping and bad >= config.early_stopping:
+        return "early_stopping"
+    if lr_scale <= config.min_lr_scale * (1 + 1e-6) and bad >= config.lr_patience:
+        return "lr_floor"
+    return None
 
 
 def _mean_loss(loss_step, params, run: Run) -> float:
     total = count = 0.0
-    for batch in run.global_batches("val"):
+    for batch in split_batches(run, "val"):
         s, c = jax.device_get(loss_step(params, batch))
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
@@ -300,23 +361,15 @@ def _epoch_times(workdir: str) -> list[float]:
         return [json.loads(line)["epoch_time_s"] for line in f if line.strip()]
 
 
-def _finish(config: Config, run: Run, params) -> dict:
-    from phljax.parallel import is_main_process  # noqa: PLC0415
-
-    eval_step = jax.jit(
-        make_eval_step(run.energy_fn, with_hessian=run.has_hessian, hessian_chunk=config.hessian_chunk or None)
-    )
-    subsets = {"test": [m for _, m in run.subset("test")]}
-    paper_order = {"rtp": 0, "irc": 1, "nms": 2}  # the paper's test sets first, then any others
-    categories = sorted({str(m.meta["category"]) for m in subsets["test"] if "category" in m.meta},
-                        key=lambda c: (paper_order.get(c, 3), c))  # fmt: skip
-    if len(categories) > 1:
-        for c in categories:
-            subsets[f"test/{c}"] = [m for m in subsets["test"] if str(m.meta.get("category")) == c]
+def _finish(config: Config, run: Run, eval_step, params, stopped: str) -> dict:
+    subsets = test_subsets(run.subset("test"), "test")
+    potential = Potential(run.model, jax.device_get(params), config=config, spec=run.model_spec)
     errors = {
-        name: accumulate_errors(eval_step, params, mols, run.eval_budget, config.cutoff, run.dtype)
+        name: {
+            **accumulate_errors(eval_step, params, mols, run.eval_budget, config.cutoff, run.dtype),
+            **stationary_metrics(potential, mols),  # frequencies etc. at the reactants, products and TSs
+        }
         for name, mols in subsets.items()
-        if mols
     }
     times = _epoch_times(config.workdir)
     steady = times[1:] or times  # the first epoch includes compilation
@@ -324,15 +377,14 @@ def _finish(config: Config, run: Run, params) -> dict:
         "scheme": SCHEMES[config.probe],
         "config": json.loads(config.to_json()),
         "errors_ev": errors,
-        "errors_kcal_mol": {
-            name: {k: (v / KCAL_MOL if k != "n_molecules" else v) for k, v in r.items()} for name, r in errors.items()
-        },
+        "errors_kcal_mol": in_kcal_mol(errors),
         "epochs_run": len(times),
+        "stopped": stopped,  # epochs (the cap) | early_stopping | lr_floor
         "mean_epoch_time_s": float(np.mean(steady)) if steady else None,
         "first_epoch_time_s": times[0] if times else None,
         "n_molecules": {k: len(v) for k, v in run.splits.items()},
     }
-    if is_main_process():
+    if distributed.is_main_process():
         with open(os.path.join(config.workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         print(f"\n{results['scheme']} ({results['epochs_run']} epochs, {results['n_molecules']})")

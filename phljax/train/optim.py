@@ -14,23 +14,27 @@ def make_optimizer(
     grad_clip: float = 10.0,
     lr_factor: float = 0.5,
     lr_patience: int = 15,
+    min_lr_scale: float = 1e-3,
     steps_per_epoch: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """Clip -> AdamW -> reduce-on-plateau.
 
     The plateau transform reads `value=` passed to `update` (the train step passes the previous
     epoch's validation loss) and averages it over `steps_per_epoch` updates, so `lr_patience`
-    counts epochs.
+    counts epochs; the rate never falls below `min_lr_scale * learning_rate`.
     """
     return optax.chain(
         optax.clip_by_global_norm(grad_clip),
         optax.adamw(learning_rate, weight_decay=weight_decay),
         optax.contrib.reduce_on_plateau(
-            factor=lr_factor, patience=lr_patience, accumulation_size=steps_per_epoch, min_scale=1e-3
+            factor=lr_factor, patience=lr_patience, accumulation_size=steps_per_epoch, min_scale=min_lr_scale
         ),
     )
 
 
 def learning_rate_scale(opt_state) -> float:
-    """Current plateau scale of the learning rate (1.0 until the first reduction)."""
-    return float(opt_state[-1].scale)
+    """Current plateau scale of the learning rate (1.0 until the first reduction).
+
+    Found by name (`optax.tree.get`), so a reordered or extended chain still finds it.
+    """
+    return float(optax.tree.get(opt_state, "scale"))

@@ -30,7 +30,7 @@ files (RTP, IRC, NMS) with each geometry's category, reaction id and point.
 
 Modules: ``spec`` (reaction files, :class:`ReactionConfig`), ``checks`` (TS verification, IRC
 end matching), ``structure`` (optimisation, TS search, IRC), ``labelling`` (labels and the cache
-directory of a reaction), ``workflow`` (the run, assembly, summary).
+directory of a reaction), ``workflow`` (the run, its log, assembly, summary).
 
 Units: positions Angstrom; cache energies Hartree, gradients Hartree/Bohr, Hessians
 Hartree/Bohr^2; ASE-side (NEB, Sella) eV and Angstrom.
@@ -60,7 +60,14 @@ from phljax.datagen.reactions.labelling import (
     nms_samples,
     stationary_hessian,
 )
-from phljax.datagen.reactions.spec import Reaction, ReactionConfig, ReactionFileError, read_reaction, read_reactions
+from phljax.datagen.reactions.spec import (
+    LABELS,
+    Reaction,
+    ReactionConfig,
+    ReactionFileError,
+    read_reaction,
+    read_reactions,
+)
 from phljax.datagen.reactions.structure import (
     guess_level,
     import_sella,
@@ -75,12 +82,14 @@ from phljax.datagen.reactions.workflow import (
     cached_records,
     cached_records_of,
     run,
+    setup_logging,
     summarize,
     tasks,
 )
 
 __all__ = [
     "CATEGORIES",
+    "LABELS",
     "SOURCE",
     "STATIONARY",
     "Reaction",
@@ -106,6 +115,7 @@ __all__ = [
     "read_reaction",
     "read_reactions",
     "run",
+    "setup_logging",
     "stationary_hessian",
     "summarize",
     "tasks",

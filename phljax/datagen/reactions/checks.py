@@ -6,14 +6,21 @@ from typing import Any
 
 import numpy as np
 
-from phljax.datagen.sampling import bonded_pairs, normal_modes
+from phljax.datagen.sampling import BOND_SCALE, bonded_pairs, normal_modes
+
+#: Frequencies below minus this count as imaginary, cm^-1 (smaller negative ones are numerical
+#: noise of the projection of translations and rotations).
+IMAG_TOL_CM = 20.0
+#: When reactant and product have the same bond graph (conformers), an IRC end is the one it lies
+#: within this aligned RMSD of (and nearer to), Angstrom.
+ENDPOINT_RMSD = 0.3
 
 
 class TSVerificationError(ValueError):
     """A saddle-point search ended at a geometry that is not a first-order saddle."""
 
 
-def bond_graph(numbers: np.ndarray, positions: np.ndarray, scale: float = 1.2) -> frozenset:
+def bond_graph(numbers: np.ndarray, positions: np.ndarray, scale: float = BOND_SCALE) -> frozenset:
     """Bonded pairs {(i, j)}: distance below ``scale`` times the sum of covalent radii."""
     i, j = bonded_pairs(numbers, positions, scale)
     return frozenset(zip(i.tolist(), j.tolist(), strict=True))
@@ -30,7 +37,7 @@ def aligned_rmsd(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(((a @ rot - b) ** 2).sum(-1).mean()))
 
 
-def count_imaginary(freq_cm: np.ndarray, tol_cm: float = 20.0) -> int:
+def count_imaginary(freq_cm: np.ndarray, tol_cm: float = IMAG_TOL_CM) -> int:
     """Number of vibrational frequencies below ``-tol_cm`` (imaginary ones are negative), cm^-1."""
     return int(np.sum(np.asarray(freq_cm) < -tol_cm))
 
@@ -43,7 +50,7 @@ def verify_minimum(
     numbers: np.ndarray,  # [N]
     positions: np.ndarray,  # [N, 3] Angstrom
     hessian: np.ndarray,  # [N, 3, N, 3] Hartree/Bohr^2
-    tol_cm: float = 20.0,
+    tol_cm: float = IMAG_TOL_CM,
 ) -> dict[str, Any]:
     """Check a minimum: no imaginary frequency after projecting out translations and rotations.
 
@@ -70,7 +77,7 @@ def verify_ts(
     numbers: np.ndarray,  # [N]
     positions: np.ndarray,  # [N, 3] Angstrom
     hessian: np.ndarray,  # [N, 3, N, 3] Hartree/Bohr^2
-    tol_cm: float = 20.0,
+    tol_cm: float = IMAG_TOL_CM,
 ) -> dict[str, Any]:
     """Check a transition state: exactly one imaginary frequency after projecting out
     translations and rotations.
@@ -93,7 +100,11 @@ def verify_ts(
 
 
 def match_endpoint(
-    numbers: np.ndarray, end: np.ndarray, reactant: np.ndarray, product: np.ndarray, rmsd_tol: float = 0.3
+    numbers: np.ndarray,
+    end: np.ndarray,
+    reactant: np.ndarray,
+    product: np.ndarray,
+    rmsd_tol: float = ENDPOINT_RMSD,
 ) -> str | None:
     """Which minimum a relaxed IRC end is: ``"reactant"``, ``"product"`` or None (neither).
 

@@ -8,8 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from ase.io import read
 
-from phljax.datagen.dft import LevelOfTheory
+from phljax.datagen.dft import FD_STEP, HESSIAN_LIMITS, HessianLimits, LevelOfTheory
+from phljax.datagen.labels import PROBE_KINDS
+from phljax.datagen.reactions.checks import ENDPOINT_RMSD, IMAG_TOL_CM
+from phljax.datagen.sampling import MIN_FREQ_CM, NMS_TEMPERATURE
 
 
 class ReactionFileError(ValueError):
@@ -53,7 +57,6 @@ def read_reaction(path: str) -> Reaction:
         ReactionFileError: naming the file and frame, for a wrong frame count, different atoms
             between frames, overlapping atoms, or a charge/spin other than 0.
     """
-    from ase.io import read
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such reaction file: {path}")
@@ -113,10 +116,14 @@ def read_reactions(paths: Sequence[str]) -> list[Reaction]:
     return reactions
 
 
-#: The settings that only decide whether a finished label is accepted, not what is computed. A
-#: cache may loosen them (its rejections are then decided again, see
-#: :func:`phljax.datagen.labels.passes_now`), never tighten them (its labels passed the old ones).
-ACCEPTANCE = ("max_asym_rel", "max_sum_rule_rel")
+#: The settings that only decide whether a finished label is accepted, not what is computed: the
+#: fields of :class:`~phljax.datagen.dft.HessianLimits`. A cache may loosen them (its rejections are
+#: then decided again, see :func:`phljax.datagen.labels.passes_now`), never tighten them (its labels
+#: passed the old ones).
+ACCEPTANCE = tuple(f.name for f in dataclasses.fields(HessianLimits))
+
+#: What a geometry can be labelled with: an analytic Hessian, or finite-difference HVPs.
+LABELS = ("hessian", "hvp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,20 +154,18 @@ class ReactionConfig:
             amplitude lengthens a bond by more than this fraction at second order (librations,
             hindered rotations: see :func:`phljax.datagen.sampling.rectilinear_stretch`) are not
             displaced either.
-        labels: ``"hessian"`` (analytic) or ``"hvp"`` (K finite-difference HVPs per geometry).
+        labels: one of :data:`LABELS`: ``"hessian"`` (analytic) or ``"hvp"`` (K finite-difference
+            HVPs per geometry).
         num_probes: K, probes per geometry for ``labels="hvp"``.
-        probe_kind: ``"gaussian"`` or ``"onehot"``.
+        probe_kind: one of :data:`phljax.datagen.labels.PROBE_KINDS` (``"gaussian"`` or ``"onehot"``).
         fd_step: finite-difference displacement for HVP labels, Angstrom.
         endpoint_rmsd: IRC end and reactant/product are the same minimum when their bond graphs
             agree, or (same graph for both ends, e.g. a rotamer) the end is within this RMSD,
             Angstrom, of one and nearer to it than to the other.
         seed: base seed of NMS displacements and probes.
         max_asym_rel, max_sum_rule_rel: Hessian checks (relative to max |H|), the
-            :data:`ACCEPTANCE` limits. PySCF's DFT Hessian has no integration-grid response, so
-            it is neither exactly symmetric nor exactly translation invariant; both errors come
-            from the grid. At grid level 5 the sum-rule error is typically 1e-3 of max |H| and
-            the asymmetry 1e-5 to 4e-4 (a finer grid shrinks it; a tighter CPSCF does not),
-            so the symmetry limit is 1e-3 (the stored Hessians are symmetrised).
+            :data:`ACCEPTANCE` limits; defaults :data:`phljax.datagen.dft.HESSIAN_LIMITS` (see
+            :class:`~phljax.datagen.dft.HessianLimits` for why they are what they are).
     """
 
     level: LevelOfTheory = LevelOfTheory()
@@ -171,29 +176,29 @@ class ReactionConfig:
     neb_fmax: float = 0.2
     ts_fmax: float = 0.02
     ts_steps: int = 150
-    imag_tol_cm: float = 20.0
+    imag_tol_cm: float = IMAG_TOL_CM
     irc_dx: float = 0.15
     irc_steps: int = 40
     irc_fmax: float = 0.1
     n_irc: int = 8
     n_nms: int = 20
-    temperature: float = 500.0
-    min_freq_cm: float = 50.0
+    temperature: float = NMS_TEMPERATURE
+    min_freq_cm: float = MIN_FREQ_CM
     max_rectilinear_stretch: float = 0.04
     labels: str = "hessian"
     num_probes: int = 4
     probe_kind: str = "gaussian"
-    fd_step: float = 5e-3
-    endpoint_rmsd: float = 0.3
+    fd_step: float = FD_STEP
+    endpoint_rmsd: float = ENDPOINT_RMSD
     seed: int = 0
-    max_asym_rel: float = 1e-3
-    max_sum_rule_rel: float = 1e-2
+    max_asym_rel: float = HESSIAN_LIMITS.max_asym_rel
+    max_sum_rule_rel: float = HESSIAN_LIMITS.max_sum_rule_rel
 
     def __post_init__(self):
-        if self.labels not in ("hessian", "hvp"):
-            raise ValueError(f"labels must be 'hessian' or 'hvp', got {self.labels!r}")
-        if self.probe_kind not in ("gaussian", "onehot"):
-            raise ValueError(f"probe_kind must be 'gaussian' or 'onehot', got {self.probe_kind!r}")
+        if self.labels not in LABELS:
+            raise ValueError(f"labels must be one of {LABELS}, got {self.labels!r}")
+        if self.probe_kind not in PROBE_KINDS:
+            raise ValueError(f"probe_kind must be one of {PROBE_KINDS}, got {self.probe_kind!r}")
         if self.neb_images < 3:
             raise ValueError(f"neb_images must be >= 3, got {self.neb_images}")
 

@@ -12,11 +12,14 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
+from ase import Atoms
+from ase.mep import NEB
+from ase.optimize import FIRE
 
 from phljax.datagen.cache import load_npz, save_npz
-from phljax.datagen.dft import HARTREE_EV, LevelOfTheory, PySCFCalculator, optimize_geometry
-from phljax.datagen.dispersion import BOHR_ANGSTROM
+from phljax.datagen.dft import LevelOfTheory, PySCFCalculator, optimize_geometry
 from phljax.datagen.reactions.checks import TSVerificationError, match_endpoint, verify_ts
 from phljax.datagen.reactions.labelling import (
     ReactionDir,
@@ -26,46 +29,18 @@ from phljax.datagen.reactions.labelling import (
     stationary_hessian,
 )
 from phljax.datagen.reactions.spec import ReactionConfig
+from phljax.optional import import_sella
+from phljax.units import DFT_BOHR, DFT_HARTREE, DFT_HARTREE_KCAL_MOL
 
 log = logging.getLogger("phljax.datagen")
 
 
-def import_sella():
-    """Import Sella without its global side effects on JAX.
-
-    ``import sella`` turns on ``jax_enable_x64`` for the whole process, points JAX's compilation
-    cache at its own directory and sets ``JAX_PLATFORMS=cpu`` if unset; in a process that also
-    trains a model that would silently switch it to float64. We undo all three and run Sella
-    inside ``jax.enable_x64(True)`` (see :func:`_x64`) instead.
-    """
-    import sys
-
-    if "sella" in sys.modules:
-        return sys.modules["sella"]
-    import jax
-
-    saved = {k: getattr(jax.config, k) for k in ("jax_enable_x64", "jax_compilation_cache_dir",
-                                                 "jax_persistent_cache_min_compile_time_secs")}  # fmt: skip
-    platforms = os.environ.get("JAX_PLATFORMS")
-    import sella
-
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    if platforms is None:
-        os.environ.pop("JAX_PLATFORMS", None)
-    return sella
-
-
 def _x64():
     """Context in which Sella's JAX code runs (it needs float64)."""
-    import jax
-
     return jax.enable_x64(True)
 
 
 def _atoms(numbers: np.ndarray, positions: np.ndarray):
-    from ase import Atoms
-
     return Atoms(numbers=np.asarray(numbers), positions=np.asarray(positions, dtype=np.float64))
 
 
@@ -129,7 +104,7 @@ def ts_stage(cfg: ReactionConfig, st: ReactionDir) -> dict | None:
     save_npz(done, positions=pos, wall=time.perf_counter() - t0, guess=info["guess"],
              sella_steps=info["steps"], n_gradients=info["n_gradients"], freq_cm=check["freq_cm"],
              imaginary_cm=check["imaginary_cm"], energy=float(hess["energy"]))  # fmt: skip
-    barrier = (float(hess["energy"]) - float(r["energy"])) * 627.5094740631
+    barrier = (float(hess["energy"]) - float(r["energy"])) * DFT_HARTREE_KCAL_MOL
     log.info("TS %s: %.0f i cm^-1, barrier %.1f kcal/mol, %d Sella steps, %.0f s",
              st.rxn.id, -check["imaginary_cm"], barrier, info["steps"], time.perf_counter() - t0)  # fmt: skip
     return load_npz(done)
@@ -142,8 +117,6 @@ def guess_level(cfg: ReactionConfig) -> LevelOfTheory:
 
 def _neb_guess(cfg: ReactionConfig, st: ReactionDir, reactant: np.ndarray, product: np.ndarray) -> np.ndarray:
     """TS guess: the climbing image of an NEB at the guess level, refined to a guess-level saddle."""
-    from ase.mep import NEB
-    from ase.optimize import FIRE
 
     out = st.path("neb.npz")
     if os.path.exists(out):
@@ -218,7 +191,7 @@ def irc_stage(cfg: ReactionConfig, st: ReactionDir) -> dict | None:
     def hessian(a):  # the TS Hessian is known; anything else is computed
         if np.allclose(a.positions, ts["positions"], atol=1e-8):
             n = len(a)
-            return ts_hessian.reshape(3 * n, 3 * n) * HARTREE_EV / BOHR_ANGSTROM**2
+            return ts_hessian.reshape(3 * n, 3 * n) * DFT_HARTREE / DFT_BOHR**2  # as PySCFCalculator.hessian
         return calc.hessian(a)
 
     atoms = _atoms(st.rxn.numbers, ts["positions"])
@@ -235,7 +208,7 @@ def irc_stage(cfg: ReactionConfig, st: ReactionDir) -> dict | None:
         if len(branch) >= 3 and np.linalg.norm(atoms.get_forces(), axis=1).max() < cfg.irc_fmax:
             raise _BranchAtMinimum
 
-    from sella.optimize.irc import IRCInnerLoopConvergenceFailure
+    from sella.optimize.irc import IRCInnerLoopConvergenceFailure  # noqa: PLC0415 (optional: the `data` extra)
 
     stopped = {}
     try:

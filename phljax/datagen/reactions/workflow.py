@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import dataclasses
 import glob
 import json
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
+from logging.handlers import QueueHandler, QueueListener
 from typing import Any, NamedTuple
 
 import numpy as np
+from tqdm import tqdm
 
 from phljax import units
+from phljax.data import write_h5
 from phljax.datagen.cache import load_json, load_npz, save_json
 from phljax.datagen.labels import rejection, to_molecules
 from phljax.datagen.reactions.checks import NotAMinimumError, verify_minimum
@@ -186,7 +191,6 @@ def run(
                   "path": r.path, "numbers": r.numbers, "reactant": r.reactant, "product": r.product})  # fmt: skip
     work = list(tasks(cfg, reactions, cache_dir, rounds))
     log.info("run: %d reactions, %d tasks, %d worker(s), cache %s", len(reactions), len(work), workers, cache_dir)
-    from tqdm import tqdm
 
     bar = tqdm(total=len(work), disable=not progress, unit="task", smoothing=0.05, dynamic_ncols=True)
     stop = os.path.join(cache_dir, "STOP")
@@ -225,6 +229,21 @@ def _check_cache_config(cfg_path: str, cfg: ReactionConfig) -> None:
         save_json(cfg_path, cfg.to_json())
 
 
+def setup_logging(cache_dir: str) -> None:
+    """Log the ``phljax.datagen`` logger to ``<cache_dir>/log.txt`` (appending) and to stderr.
+
+    :func:`run`'s worker processes send their records to these handlers too.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    log.propagate = False  # geomeTRIC configures the root logger with its own handlers
+    log.handlers.clear()
+    for handler in (logging.FileHandler(os.path.join(cache_dir, "log.txt")), logging.StreamHandler()):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
 def _stop_requested(stop: str, next_task: Task) -> bool:
     if not os.path.exists(stop):
         return False
@@ -243,9 +262,6 @@ def _run_in_processes(cfg, reactions, cache_dir, rounds, work: list[Task], worke
     that dies (killed from outside, out of memory) breaks the pool: the tasks in flight are logged
     and queued again in new workers, up to ``_MAX_RESTARTS`` times per run.
     """
-    import concurrent.futures as cf
-    import multiprocessing
-    from logging.handlers import QueueListener
 
     threads = max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP or JAX state
@@ -319,7 +335,6 @@ class _Queue:
 
     def collect(self, bar) -> None:
         """Wait for a running task to finish; re-raise its exception."""
-        import concurrent.futures as cf
 
         finished, _ = cf.wait(self.running, return_when=cf.FIRST_COMPLETED)
         for future in finished:
@@ -342,12 +357,11 @@ _WORKER_TASKS: list[Task] = []
 
 def _worker_init(cfg, reactions, cache_dir, rounds, records, threads) -> None:
     """In a worker process: log to the parent's handlers, set the threads, build the task list."""
-    from logging.handlers import QueueHandler
 
     log.handlers[:] = [QueueHandler(records)]
     log.setLevel(logging.INFO)
     log.propagate = False
-    from pyscf import lib
+    from pyscf import lib  # noqa: PLC0415 (optional: the `data` extra)
 
     lib.num_threads(threads)
     _WORKER_TASKS[:] = tasks(cfg, reactions, cache_dir, rounds)
@@ -374,8 +388,6 @@ def assemble(cache_dir: str, out_dir: str, prefix: str = "chon_reactions") -> di
 
     Runs on a partial cache too; returns :func:`summarize` plus the written paths.
     """
-    from phljax.data import write_h5
-
     os.makedirs(out_dir, exist_ok=True)
     written = {}
     for cat in CATEGORIES:
@@ -413,7 +425,7 @@ def summarize(cache_dir: str) -> dict[str, Any]:
 
     Energies kcal/mol, times seconds, frequencies cm^-1.
     """
-    kcal = units.HARTREE / units.KCAL_MOL  # kcal/mol per Hartree
+    kcal = units.HARTREE / units.KCAL_MOL  # kcal/mol per Hartree (reader side, as training reads the labels)
     per: dict[str, Any] = {}
     wall = 0.0
     cfg_path = os.path.join(cache_dir, "config.json")

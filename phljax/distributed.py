@@ -1,46 +1,32 @@
-"""Data-parallel training over a 1-D device mesh (`jax.shard_map` with `NamedSharding`), on one
-host or several (`jax.distributed`).
+"""The distributed runtime and the device mesh: `jax.distributed`, processes, devices, slots.
 
-A global batch of `batch_size` molecules is split evenly into one padded sub-batch per device and
-stacked on a leading `data` axis. Parameters and optimizer state are replicated; each device
-computes the *sums* of its graphs' losses and gradients, which are added over the mesh (a `psum`;
-for the gradient, the transpose of the parameters' broadcast to every device) and the step divides
-by the global count of real graphs, so padding graphs weigh zero and the update is the
-single-device update on the same global batch. Probes are keyed by each molecule's global
-index (see `phljax.probes`), so the result does not depend on how the batch is split.
+Imports nothing from phljax, so every layer above (the sharded step, the run loop, the CLI) can use
+it. `initialize` is called once, by the entry point (`experiments/run.py`, or a user's script),
+before anything touches a JAX device; the rest only reads what it set up.
 
 Several processes (one per host, or one per GPU) run the same program in lock step: the mesh lists
 the devices process by process, so process p holds a contiguous block of the data axis
-(`local_slots`), builds only those sub-batches, and `jax.make_array_from_process_local_data`
-assembles the global sharded batch. Every process sees the same replicated parameters and metrics;
-files are written by process 0 (`is_main_process`), checkpoints by all (orbax coordinates them).
+(`local_slots`). Files are written by process 0 (`is_main_process`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-
-from phljax.data.batching import GraphBatch
-from phljax.losses import make_loss_fn
-from phljax.train.step import make_train_step
+from jax.sharding import AxisType, Mesh
 
 __all__ = [
     "AXIS",
-    "initialize_distributed",
+    "initialize",
+    "requested",
     "is_main_process",
     "barrier",
     "resolve_devices",
     "make_mesh",
     "local_slots",
-    "stack",
-    "data_parallel_steps",
 ]
 
 AXIS = "data"
@@ -63,7 +49,7 @@ def _in_slurm_step() -> bool:
     return all(v in os.environ for v in _SLURM_VARS) and (_env_int("SLURM_NTASKS") or 1) > 1
 
 
-def initialize_distributed(
+def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
@@ -91,7 +77,25 @@ def initialize_distributed(
     """
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
-    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    settings = _settings(coordinator_address, num_processes, process_id)
+    if settings is None:
+        return False  # a single process
+    jax.distributed.initialize(*settings)
+    return jax.process_count() > 1
+
+
+def requested(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Whether these settings (with the environment, as in `initialize`) ask for several processes."""
+    return _settings(coordinator_address, num_processes, process_id) is not None
+
+
+def _settings(address, num_processes, process_id) -> tuple | None:
+    """(address, num_processes, process_id) for `jax.distributed.initialize`, or None for one process."""
+    address = address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     if num_processes is None:
         num_processes = _env_int("JAX_NUM_PROCESSES")
     if process_id is None:
@@ -100,7 +104,7 @@ def initialize_distributed(
         raise ValueError(f"--num-processes must be >= 1, got {num_processes}")
     slurm = _in_slurm_step()
     if not slurm and address is None and num_processes in (None, 1) and process_id in (None, 0):
-        return False  # a single process
+        return None
     if not slurm:
         missing = [
             flag
@@ -119,8 +123,7 @@ def initialize_distributed(
             )
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id {process_id} must lie in [0, {num_processes}) (--num-processes)")
-    jax.distributed.initialize(address, num_processes, process_id)
-    return jax.process_count() > 1
+    return address, num_processes, process_id
 
 
 def is_main_process() -> bool:
@@ -180,80 +183,3 @@ def local_slots(n_devices: int) -> range:
     """Positions on the mesh's data axis held by this process's devices."""
     per = _per_process(n_devices)
     return range(jax.process_index() * per, (jax.process_index() + 1) * per)
-
-
-def stack(batches: Sequence[GraphBatch]) -> GraphBatch:
-    """Stack per-device batches on a new leading axis."""
-    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
-
-
-def data_parallel_steps(run, optimizer, *, hessian_chunk: int | None = None):
-    """Sharded train and validation steps over `run.n_devices` devices (all processes together).
-
-    Batches are this process's sub-batches stacked on a leading axis, `[len(run.local_slots), ...]`
-    (what `Run.global_batches` yields); on one process that is the whole global batch.
-
-    Returns:
-        train_step(state, local_batch, monitor) -> (state, metrics): one optimizer step on the
-            global batch; `state` replicated (donated), metrics global means, replicated;
-        val_step(params, local_batch) -> (loss_sum, count) over the global batch, replicated;
-        put(tree) -> the tree replicated over the mesh (every process must pass the same values).
-    """
-    n = run.n_devices
-    mesh = make_mesh(n)
-    replicated = NamedSharding(mesh, P())
-    sharded = NamedSharding(mesh, P(AXIS))
-    psum = lambda tree: jax.lax.psum(tree, AXIS)
-
-    def reduce(sums):
-        # With check_vma, the gradient with respect to the replicated parameters comes out of
-        # `jax.grad` already summed over the mesh: the transpose of their implicit broadcast to
-        # every device is a psum. A second psum would scale it by n_devices.
-        grads, count, metrics = sums
-        return grads, psum(count), psum(metrics)
-
-    step = make_train_step(run.energy_fn, run.loss_config, optimizer, hessian_chunk=hessian_chunk, reduce=reduce)
-    loss_fn = make_loss_fn(run.energy_fn, run.loss_config, hessian_chunk=hessian_chunk)
-    val_key = jax.random.PRNGKey(run.config.seed + 2)
-
-    def local(batch):  # [1, ...] block of one device -> that device's batch
-        return jax.tree.map(lambda x: x[0], batch)
-
-    def train_local(state, batch, monitor):
-        return step(state, local(batch), monitor)
-
-    def val_local(params, batch):
-        loss, (count, _) = loss_fn(params, local(batch), val_key)
-        return psum((loss, count))
-
-    train = jax.jit(
-        jax.shard_map(train_local, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()), check_vma=True),
-        donate_argnums=0,
-    )
-    val = jax.jit(jax.shard_map(val_local, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P()))
-
-    def shard(batch: GraphBatch) -> GraphBatch:  # this process's [n_local, ...] -> global [n, ...]
-        def one(x):
-            x = np.asarray(x)
-            if x.shape[0] * jax.process_count() != n:
-                raise ValueError(
-                    f"{x.shape[0]} stacked sub-batches on this process; the mesh needs {n // jax.process_count()}"
-                )
-            return jax.make_array_from_process_local_data(sharded, x, (n, *x.shape[1:]))
-
-        return jax.tree.map(one, batch)
-
-    def put(tree):
-        def one(x):
-            x = np.asarray(x)
-            return jax.make_array_from_process_local_data(replicated, x, x.shape)
-
-        return jax.tree.map(one, tree)
-
-    def train_step(state, batch, monitor):
-        return train(state, shard(batch), put(monitor))
-
-    def val_step(params, batch):
-        return val(params, shard(batch))
-
-    return train_step, val_step, put
