@@ -69,11 +69,13 @@ class Config:
     lr_patience: int = 15  # ... after this many epochs without validation improvement
     min_lr_scale: float = 1e-3  # ... down to this fraction of learning_rate
     early_stopping: int = _resumable(50)  # stop after this many epochs without improvement (0: never)
+    max_nonfinite_steps: int = _resumable(10)  # stop after this many non-finite (skipped) updates in a row
     val_errors_every: int = _resumable(5)  # validation E/F/H RMSE into metrics.jsonl every this many epochs (0: never)
     seed: int = 0  # model initialisation, probes and shuffling (phljax.train.seeds)
     # execution
     workdir: str = _resumable("")  # "" = runs/<probe>
     x64: bool = False
+    compile_cache: str = _resumable("auto")  # JAX's persistent compilation cache: auto | off | DIR (compile_cache.py)
     hessian_chunk: int = _resumable(0)  # Hessian columns per HVP batch (0: all at once)
     devices: int = _resumable(0)  # data-parallel devices per process (0: all local devices)
     coordinator_address: str | None = _resumable(None)  # multi-host: host:port of process 0 ($JAX_COORDINATOR_ADDRESS)

@@ -68,13 +68,15 @@ def test_same_bucket_never_recompiles(potential, molecules):
         potential.hessian(z, m.positions)
         potential.energy_and_forces(z, m.positions)
     assert potential.compilations == first
-    wrapped = chex.assert_max_traces(potential.energy_fn, n=1)  # the model itself, traced once for a new program
-    potential.energy_fn = wrapped
+    original = potential.energy_fn
+    potential.energy_fn = chex.assert_max_traces(original, n=1)  # the model itself, traced once for a new program
     potential._jitted.clear()
     try:
         for m in water:
             potential.energy(z, m.positions)
     finally:
+        potential.energy_fn = original
+        potential._jitted.clear()
         chex.clear_trace_counter()
 
 

@@ -245,3 +245,21 @@ def test_holdout_categories_are_only_tested(molecules, tiny_config):
     assert sum(len(v) for v in plain.splits.values()) == len(molecules)
     with pytest.raises(ValueError, match="no molecule has category"):
         phljax.prepare(tiny_config.replace(holdout=("ts",)), mols)
+
+
+def test_a_second_run_loads_its_programs_from_the_compile_cache(h5_path, tmp_path):
+    """--compile-cache DIR: the first run stores its compiled steps, a second run of the same
+    configuration (new work directory) compiles nothing new: every program comes from the cache."""
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+    def run(name):
+        cmd = [sys.executable, "experiments/run.py", *cli_args(["--probe=random"], h5_path, str(tmp_path / name)),
+               "--compile-cache", str(cache)]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return sorted(os.listdir(cache))
+
+    first = run("first")
+    assert len(first) >= 2  # at least the train and evaluation steps
+    assert run("second") == first

@@ -28,7 +28,7 @@ import numpy as np
 from ase.data import chemical_symbols
 
 from phljax import units
-from phljax.data.records import Molecule, formula, to_atomic_numbers
+from phljax.data.records import COINCIDENT_TOL, Molecule, coincident_atoms, formula, to_atomic_numbers
 
 __all__ = ["read_h5", "write_h5"]
 
@@ -44,6 +44,23 @@ def read_h5(
 ) -> list[Molecule]:
     """Read every conformer of an ANI-style HDF5 file into `Molecule` records (eV, Angstrom).
 
+    The reader either returns every conformation of every conformer group, or raises: it never
+    skips a record. What it accepts and refuses:
+
+    - A conformer group is any group (the root included) holding one of the label datasets
+      (`species`, `coordinates`, `energies`, `forces`, `hessian`, `hvp_probes`, `hvps`); it must hold
+      `species`, `coordinates` and every dataset of `require`, and at least one conformation of at
+      least one atom. Groups holding none of them (containers of nested groups, empty groups) are
+      not conformer groups and are passed over.
+    - Label datasets must hold numbers (integer or floating point); strings, booleans, complex
+      numbers and compound types are refused rather than converted. `species` holds element
+      symbols (case-insensitive) or atomic numbers 1..118.
+    - Any other dataset of a conformer group whose leading dimension is n_conf is per-conformer
+      provenance and goes to `Molecule.meta` (e.g. `category`, `reaction`, `point`, `source`);
+      other datasets and subgroups are left alone, as are dangling links.
+    - Non-finite values, and two atoms of a conformation at the same position (closer than
+      `records.COINCIDENT_TOL`), are refused, naming the group and the conformation.
+
     Args:
         path: the HDF5 file.
         energy_unit: unit of energies in the file ('hartree', 'ev', 'kcal/mol', 'kj/mol');
@@ -58,54 +75,117 @@ def read_h5(
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        ValueError: naming the file, dataset and index, for a missing key, a shape mismatch, a
-            non-finite value or an unknown element.
+        ValueError: naming the file, and for a problem of one group its path, the dataset and the
+            conformation index: a file that is not HDF5 (truncated, corrupt), an unknown unit, a
+            missing dataset, a shape or dtype mismatch, a non-finite value, an unknown element,
+            coincident atoms, a group without conformations or atoms.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such HDF5 file: {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path}: cannot open as HDF5 (truncated, corrupt or not HDF5): {err}") from err
     molecules: list[Molecule] = []
-    with h5py.File(path, "r") as f:
-        e_unit = energy_unit or _attr(f, "energy_unit", "hartree")
-        l_unit = length_unit or _attr(f, "length_unit", "angstrom")
-        e, a = units.energy_factor(e_unit), units.length_factor(l_unit)
-        groups = _conformer_groups(f)
+    with f:
+        e = _unit(path, f, "energy_unit", energy_unit, "hartree", units.energy_factor)
+        a = _unit(path, f, "length_unit", length_unit, "angstrom", units.length_factor)
+        groups = _conformer_groups(path, f)
         if not groups:
             raise ValueError(f"{path}: no group holds both 'species' and 'coordinates'")
         for name in groups:
-            molecules.extend(_read_group(path, f[name], e, a, require))
+            molecules.extend(_read_group(path, f[name] if name else f, e, a, require))
     return molecules
 
 
-def _attr(f: h5py.File, key: str, default: str) -> str:
-    value = f.attrs.get(key, default)
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _unit(path: str, f: h5py.File, key: str, given: str | None, default: str, factor) -> float:
+    """The factor of the caller's unit, else of the file's root attribute `key`, else of `default`."""
+    if given:
+        source, unit = "", given
+    else:
+        source = f" (root attribute {key!r})"
+        try:
+            value = f.attrs.get(key, default)
+        except (OSError, KeyError, RuntimeError, TypeError) as err:
+            raise ValueError(f"{path}: cannot read root attribute {key!r}: {err}") from err
+        unit = value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+    try:
+        return factor(unit)
+    except ValueError as err:
+        raise ValueError(f"{path}{source}: {err}") from None
 
 
-def _conformer_groups(f: h5py.File) -> list[str]:
+def _conformer_groups(path: str, f: h5py.File) -> list[str]:
+    """Paths of the groups holding a label dataset, sorted ('' is the root)."""
     found = []
 
     def visit(name, obj):
-        if isinstance(obj, h5py.Group) and "coordinates" in obj and "species" in obj:
+        if isinstance(obj, h5py.Group) and any(k in obj for k in _LABELS):
             found.append(name)
 
-    f.visititems(visit)
+    try:
+        visit("", f)
+        f.visititems(visit)
+    except (OSError, KeyError, RuntimeError) as err:
+        raise ValueError(f"{path}: cannot list the file's groups (corrupt?): {err}") from err
     return sorted(found)
+
+
+def _get(where: str, g: h5py.Group, key: str):
+    """`g[key]`, or None for a dangling soft or external link."""
+    try:
+        return g[key]
+    except (KeyError, OSError, RuntimeError, ValueError) as err:
+        try:
+            link = g.get(key, getlink=True)
+        except (KeyError, OSError, RuntimeError, ValueError):
+            link = None
+        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+            return None
+        raise ValueError(f"{where}/{key}: cannot open: {err}") from err
+
+
+def _dataset(where: str, g: h5py.Group, key: str) -> np.ndarray:
+    """The whole of dataset `key` as an array; ValueError naming it if it is none or unreadable."""
+    obj = _get(where, g, key)
+    if not isinstance(obj, h5py.Dataset):
+        kind = "a dangling link" if obj is None else f"a {type(obj).__name__.lower()}"
+        raise ValueError(f"{where}/{key}: expected a dataset, got {kind}")
+    try:
+        value = obj[()]
+    except (OSError, KeyError, RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{where}/{key}: cannot read: {err}") from err
+    if isinstance(value, h5py.Empty):
+        raise ValueError(f"{where}/{key}: the dataset has no data (null dataspace)")
+    return np.asarray(value)
+
+
+def _numbers(where: str, g: h5py.Group, key: str) -> np.ndarray:
+    """Dataset `key` as float64; ValueError unless it holds integers or floating-point numbers."""
+    value = _dataset(where, g, key)
+    if value.dtype.kind not in "iuf":
+        raise ValueError(f"{where}/{key}: expected numbers, got dtype {value.dtype}")
+    return value.astype(np.float64)
 
 
 def _read_group(path: str, g: h5py.Group, e: float, a: float, require: Sequence[str]) -> list[Molecule]:
     where = f"{path}:/{g.name.lstrip('/')}"
-    for key in require:
+    for key in ("species", "coordinates", *require):
         if key not in g:
             raise ValueError(f"{where}: missing dataset '{key}' (has: {sorted(g.keys())})")
-    coords = np.asarray(g["coordinates"][()], dtype=np.float64)
+    coords = _numbers(where, g, "coordinates")
     if coords.ndim == 2:
         coords = coords[None]
     if coords.ndim != 3 or coords.shape[-1] != 3:
         raise ValueError(f"{where}/coordinates: expected [n_conf, n_atoms, 3], got {coords.shape}")
     n_conf, n = coords.shape[:2]
+    if n_conf == 0 or n == 0:
+        raise ValueError(
+            f"{where}/coordinates: no {'conformations' if n_conf == 0 else 'atoms'} (shape {coords.shape})"
+        )
 
-    species = np.asarray(g["species"][()])
+    species = _dataset(where, g, "species")
     if species.ndim == 1:
         if species.shape[0] != n:
             raise ValueError(f"{where}/species: {species.shape[0]} atoms but coordinates have {n}")
@@ -118,7 +198,7 @@ def _read_group(path: str, g: h5py.Group, e: float, a: float, require: Sequence[
     def load(key, shapes, scale):
         if key not in g:
             return None
-        value = np.asarray(g[key][()], dtype=np.float64)
+        value = _numbers(where, g, key)
         for shape in shapes:
             if value.shape == shape:
                 return value.reshape(shapes[0]) * scale
@@ -132,27 +212,31 @@ def _read_group(path: str, g: h5py.Group, e: float, a: float, require: Sequence[
     if "hvp_probes" in g or "hvps" in g:
         if not ("hvp_probes" in g and "hvps" in g):
             raise ValueError(f"{where}: 'hvp_probes' and 'hvps' must both be present")
-        k = g["hvp_probes"].shape[1] if g["hvp_probes"].ndim == 4 else -1
-        probes = load("hvp_probes", [(n_conf, k, n, 3)], 1.0)
-        hvps = load("hvps", [(n_conf, k, n, 3)], e / a**2)
+        probes = _numbers(where, g, "hvp_probes")
+        if probes.ndim != 4 or probes.shape[0] != n_conf or probes.shape[2:] != (n, 3):
+            raise ValueError(f"{where}/hvp_probes: expected shape ({n_conf}, K, {n}, 3), got {probes.shape}")
+        hvps = load("hvps", [probes.shape], e / a**2)
 
-    meta_keys = [k for k in g.keys() if k not in _LABELS and isinstance(g[k], h5py.Dataset)]
     meta_values = {}
-    for k in meta_keys:
-        value = g[k][()]
-        if np.ndim(value) >= 1 and len(value) == n_conf:
-            meta_values[k] = value
+    for k in g.keys():
+        if k in _LABELS:
+            continue
+        obj = _get(where, g, k)
+        if isinstance(obj, h5py.Dataset) and obj.shape and obj.shape[0] == n_conf:
+            meta_values[k] = _dataset(where, g, k)
 
+    positions = coords * a
+    pairs = coincident_atoms(positions)
     out = []
     for i in range(n_conf):
         origin = f"{where}[{i}]"
-        meta = {k: _plain(v[i]) for k, v in meta_values.items()}
+        meta = {k: _plain(v[i], f"{where}/{k}[{i}]") for k, v in meta_values.items()}
         meta["origin"] = origin
         meta.setdefault("group", g.name)
         out.append(
             Molecule(
                 numbers=numbers[i],
-                positions=coords[i] * a,
+                positions=positions[i],
                 energy=None if energies is None else energies[i],
                 forces=None if forces is None else forces[i],
                 hessian=None if hessian is None else hessian[i],
@@ -161,12 +245,21 @@ def _read_group(path: str, g: h5py.Group, e: float, a: float, require: Sequence[
                 meta=meta,
             )
         )
+        if pairs[i, 0] >= 0:
+            p, q = pairs[i]
+            raise ValueError(
+                f"{origin}: atoms {p} and {q} ({chemical_symbols[numbers[i][p]]}, {chemical_symbols[numbers[i][q]]}) "
+                f"coincide at {positions[i, p].tolist()} (closer than {COINCIDENT_TOL} A)"
+            )
     return out
 
 
-def _plain(value):
+def _plain(value, where: str):
     if isinstance(value, bytes):
-        return value.decode()
+        try:
+            return value.decode()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{where}: not UTF-8 text: {value!r}") from err
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -14,7 +14,13 @@ import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 from ase.formula import Formula
 
-__all__ = ["Molecule", "to_atomic_numbers", "formula"]
+__all__ = ["Molecule", "to_atomic_numbers", "formula", "coincident_atoms", "COINCIDENT_TOL"]
+
+#: Two atoms closer than this (Angstrom) are at the same position: a corrupt geometry, not a short
+#: bond (the shortest, H2's, is 0.74 A; the float precision of coordinates is ~1e-15 A). Readers of
+#: files refuse it (`phljax.data.read_h5`); a `Molecule` built in memory may hold it, since the
+#: model's derivatives are finite there by design (tests/test_safety.py builds such records).
+COINCIDENT_TOL = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,21 +117,46 @@ def to_atomic_numbers(species, where: str = "species") -> np.ndarray:
     """
     species = np.asarray(species)
     if np.issubdtype(species.dtype, np.integer):
-        out = species.astype(np.int32)
-        bad = (out < 1) | (out >= len(chemical_symbols))
+        bad = (species < 1) | (species >= len(chemical_symbols))  # before the cast: 2**32 + 6 is no carbon
         if np.any(bad):
             i = int(np.argmax(bad))
-            raise ValueError(f"{where}: unknown atomic number {int(out[i])} at index {i}")
-        return out
+            raise ValueError(f"{where}: unknown atomic number {int(species[i])} at index {i}")
+        return species.astype(np.int32)
     out = np.empty(species.shape, np.int32)
     for i, s in enumerate(species.tolist()):
-        symbol = s.decode() if isinstance(s, bytes) else str(s)
+        symbol = s.decode("utf-8", "backslashreplace") if isinstance(s, bytes) else str(s)
         symbol = symbol.strip()
         symbol = symbol[:1].upper() + symbol[1:].lower()
         if symbol not in atomic_numbers or symbol == "X":
             raise ValueError(f"{where}: unknown element {symbol!r} at index {i}")
         out[i] = atomic_numbers[symbol]
     return out
+
+
+def coincident_atoms(positions: np.ndarray, tol: float = COINCIDENT_TOL) -> np.ndarray:
+    """The first pair of atoms closer than `tol` Angstrom of each geometry, -1 where there is none.
+
+    Args:
+        positions: [..., n_atoms, 3] Angstrom.
+        tol: distance below which two atoms coincide.
+
+    Returns:
+        int [..., 2]: the pair (i, j), i < j, first in row-major order; (-1, -1) for a geometry without
+        one. Non-finite positions are never a pair (the record's own check names them).
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    lead, n = positions.shape[:-2], positions.shape[-2]
+    flat = positions.reshape(-1, n, 3)
+    out = np.full((flat.shape[0], 2), -1, dtype=np.int64)
+    upper = np.triu(np.ones((n, n), dtype=bool), k=1)
+    chunk = max(1, 2**22 // max(1, n * n))  # bounds the [chunk, n, n] distance array
+    for start in range(0, flat.shape[0], chunk):
+        p = flat[start : start + chunk]
+        with np.errstate(invalid="ignore"):  # inf - inf
+            close = (np.linalg.norm(p[:, :, None] - p[:, None, :], axis=-1) < tol) & upper
+        for c in np.flatnonzero(close.any(axis=(1, 2))):
+            out[start + c] = np.argwhere(close[c])[0]
+    return out.reshape(*lead, 2)
 
 
 def formula(numbers: np.ndarray) -> str:

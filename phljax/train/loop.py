@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from phljax import compile_cache, distributed
 from phljax import data as phdata
-from phljax import distributed
-from phljax.checkpoint import Checkpointer
+from phljax.checkpoint import Checkpointer, CheckpointError
 from phljax.config import Config
 from phljax.data.batching import BatchBudget, GraphBatch
 from phljax.data.records import Molecule
@@ -46,7 +46,7 @@ from phljax.models.energy import EnergyFn
 from phljax.models.nequip import NequIP
 from phljax.potential import Potential
 from phljax.train import seeds
-from phljax.train.optim import learning_rate_scale, make_optimizer
+from phljax.train.optim import learning_rate_scale, make_optimizer, nonfinite_steps
 from phljax.train.sharded import data_parallel_steps, global_batches
 from phljax.train.step import TrainState
 
@@ -142,6 +142,7 @@ def prepare(config: Config, molecules: Sequence[Molecule] | None = None) -> Run:
     """
     if config.x64:
         jax.config.update("jax_enable_x64", True)
+    compile_cache.enable(config.compile_cache)
     if distributed.requested(config.coordinator_address, config.num_processes, config.process_id) and not (
         jax.distributed.is_initialized()
     ):
@@ -217,9 +218,39 @@ def _check_workdir(config: Config) -> None:
             )
     distributed.barrier("check_workdir")  # every process has read the old config before process 0 writes
     if distributed.is_main_process():
-        os.makedirs(config.workdir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(config.to_json())
+        try:
+            os.makedirs(config.workdir, exist_ok=True)
+            _write_atomic(path, config.to_json())
+        except OSError as e:  # read-only, full, or not a directory: say so before any training
+            raise OSError(e.errno, f"cannot write the work directory {config.workdir!r} ({e.strerror})") from e
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` so that a kill leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: str, epochs: int) -> None:
+    """Keep the lines of the first `epochs` epochs: a run killed after writing an epoch's line but
+    before checkpointing it redoes that epoch (deterministically) and writes the line again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["epoch"] <= epochs:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):  # a line cut short by a kill: the epoch is redone
+            continue
+    if len(kept) != len(lines):
+        _write_atomic(path, "".join(kept))
 
 
 def initial_record(run: Run, optimizer) -> dict:
@@ -251,9 +282,15 @@ def train(config: Config, run: Run | None = None) -> dict:
     optimizer = run.optimizer()
     ckpt = Checkpointer(config.workdir)
     record = initial_record(run, optimizer)
+    metrics_path = os.path.join(config.workdir, "metrics.jsonl")
     restored = ckpt.restore_latest(record)
     if restored is not None:
         record = restored
+    elif _epoch_times(config.workdir) and _checkpoint_steps(ckpt):
+        raise CheckpointError(
+            f"{config.workdir}: metrics.jsonl records epochs and checkpoint folders exist, but orbax finds no "
+            f"checkpoint in them; refusing to start from scratch: move {ckpt.root} away to do that"
+        )
     state = TrainState(**record["state"])
     start = int(record["epoch"])
 
@@ -266,8 +303,8 @@ def train(config: Config, run: Run | None = None) -> dict:
         make_eval_step(run.energy_fn, with_hessian=run.has_hessian, hessian_chunk=config.hessian_chunk or None)
     )
     state = put(state)
-
-    metrics_path = os.path.join(config.workdir, "metrics.jsonl")
+    if distributed.is_main_process():
+        _truncate_metrics(metrics_path, start)
     best_val, bad, monitor = float(record["best_val"]), int(record["bad_epochs"]), float(record["monitor"])
     epochs = tqdm(
         range(start, config.epochs),
@@ -283,16 +320,32 @@ def train(config: Config, run: Run | None = None) -> dict:
             stopped = reason
             break
         t0 = time.perf_counter()
+        skipped_before = nonfinite_steps(state.opt_state)[0]
         sums = collections.defaultdict(float)
-        n = 0
+        n = 0  # steps whose loss was finite (a skipped step's metrics are NaN: left out of the means)
         for batch in split_batches(run, "train", shuffle_seed=seeds.shuffle_seed(config.seed, epoch)):
             state, m = train_step(state, batch, jnp.asarray(monitor, run.dtype))
+            finite = jnp.isfinite(m["loss"])
             for k, v in m.items():
-                sums[k] += v
-            n += 1
-        train_metrics = {k: float(v) / n for k, v in jax.device_get(dict(sums)).items()}
+                sums[k] += jnp.where(finite, v, 0.0)  # on the device: no sync per step
+            n += finite.astype(jnp.int32)
+        skipped, in_a_row = nonfinite_steps(state.opt_state)
+        skipped -= skipped_before
+        n = int(n)
+        train_metrics = {k: float(v) / n if n else float("nan") for k, v in jax.device_get(dict(sums)).items()}
         t_train = time.perf_counter() - t0
+        if in_a_row >= config.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{config.workdir}: epoch {epoch + 1}: the last {in_a_row} updates had non-finite gradients and were "
+                f"skipped (--max-nonfinite-steps {config.max_nonfinite_steps}); nothing of them was saved. Check the "
+                "labels for NaN/inf, or lower --learning-rate"
+            )
         val = _mean_loss(val_loss_step, state.params, run) if len(run.splits["val"]) else train_metrics["loss"]
+        if not np.isfinite(val):
+            raise FloatingPointError(
+                f"{config.workdir}: epoch {epoch + 1}: the validation loss is {val} with finite parameters: "
+                "a validation label is not finite"
+            )
         monitor = val
         improved = val < best_val
         if improved:
@@ -305,6 +358,7 @@ def train(config: Config, run: Run | None = None) -> dict:
             **{f"train_{k}": v for k, v in train_metrics.items()},
             "val_loss": val,
             "lr": config.learning_rate * learning_rate_scale(state.opt_state),
+            "nonfinite_steps": skipped,
             "epoch_time_s": t_train,
         }
         if (
@@ -343,6 +397,16 @@ def _stop_reason(config: Config, bad: int, lr_scale: float) -> str | None:
     if lr_scale <= config.min_lr_scale * (1 + 1e-6) and bad >= config.lr_patience:
         return "lr_floor"
     return None
+
+
+def _checkpoint_steps(ckpt: Checkpointer) -> list[str]:
+    """Step folders (named by a number) under the checkpoint managers, readable or not."""
+    found = []
+    for manager in ("latest", "best"):
+        folder = os.path.join(ckpt.root, manager)
+        if os.path.isdir(folder):
+            found += [os.path.join(folder, d) for d in os.listdir(folder) if d.isdigit()]
+    return found
 
 
 def _mean_loss(loss_step, params, run: Run) -> float:

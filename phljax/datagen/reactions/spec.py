@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from ase.io import read
+from ase import Atoms
+from ase.data import atomic_numbers, chemical_symbols
+from ase.io.extxyz import key_val_str_to_dict, read_xyz
 
 from phljax.datagen.dft import FD_STEP, HESSIAN_LIMITS, HessianLimits, LevelOfTheory
 from phljax.datagen.labels import PROBE_KINDS
@@ -52,46 +55,142 @@ def read_reaction(path: str) -> Reaction:
     same atoms in the same order. Only neutral closed-shell reactions are supported: a comment
     line may say ``charge=0 spin=0``; anything else is refused.
 
+    Each frame is a line with the number of atoms, a comment line (``key=value`` pairs, as
+    extended xyz) and one ``symbol x y z`` line per atom (more columns are ignored, unless the
+    comment line declares ``Properties=``). Frames follow each other; blank lines may only end the
+    file (ase would stop reading at one and drop the frames after it).
+
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ReactionFileError: naming the file and frame, for a wrong frame count, different atoms
-            between frames, overlapping atoms, or a charge/spin other than 0.
+        ReactionFileError: naming the file and the line or frame, for text that is not such a
+            file (not UTF-8, a bad atom count, a truncated frame, a blank line between frames, a
+            non-numeric or non-finite coordinate, an unknown element), a wrong frame count,
+            different atoms between frames, overlapping atoms, or a charge/spin other than 0.
     """
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such reaction file: {path}")
-    try:
-        frames = read(path, index=":")
-    except Exception as err:  # ase raises many types for a malformed file
-        raise ReactionFileError(f"{path}: cannot read as xyz: {err}") from err
+    frames = _xyz_frames(path)
     if len(frames) not in (2, 3):
-        raise ReactionFileError(f"{path}: expected 2 frames (reactant, product) or 3 (+ TS guess), got {len(frames)}")
-    numbers = frames[0].numbers
-    for i, f in enumerate(frames):
+        starts = f" (frames at lines {[line for line, _ in frames]})" if frames else " (the file has no frames)"
+        raise ReactionFileError(
+            f"{path}: expected 2 frames (reactant, product) or 3 (+ TS guess), got {len(frames)}{starts}"
+        )
+    numbers = frames[0][1].numbers
+    for i, (line, f) in enumerate(frames):
+        at = f"frame {i} (line {line})"
+        bad = (f.numbers < 1) | (f.numbers >= len(chemical_symbols))
+        if np.any(bad):
+            raise ReactionFileError(f"{path}: {at}: atom {int(np.argmax(bad))} has no element (Z={f.numbers[bad][0]})")
         if not np.array_equal(f.numbers, numbers):
             raise ReactionFileError(
-                f"{path}: frame {i} has atoms {f.get_chemical_formula()} in a different order or composition "
-                f"than frame 0 ({frames[0].get_chemical_formula()}); atoms must be mapped"
+                f"{path}: {at} has atoms {f.get_chemical_formula()} in a different order or composition "
+                f"than frame 0 ({frames[0][1].get_chemical_formula()}); atoms must be mapped"
             )
+        finite = np.isfinite(f.positions).all(axis=1)
+        if not finite.all():
+            raise ReactionFileError(f"{path}: {at}: atom {int(np.argmin(finite))} has a non-finite position")
         for key in ("charge", "spin"):
-            if int(f.info.get(key, 0)) != 0:
-                raise ReactionFileError(f"{path}: frame {i}: {key}={f.info[key]}; only neutral closed-shell reactions")
+            value = f.info.get(key, 0)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ReactionFileError(f"{path}: {at}: {key}={value!r} is not a number")
+            if value != 0:
+                raise ReactionFileError(f"{path}: {at}: {key}={value}; only neutral closed-shell reactions")
         d = np.linalg.norm(f.positions[:, None] - f.positions[None], axis=-1) + 10 * np.eye(len(f))
         if d.min() < 0.5:
             i_, j_ = np.unravel_index(np.argmin(d), d.shape)
-            raise ReactionFileError(f"{path}: frame {i}: atoms {i_} and {j_} are {d.min():.2f} A apart")
+            raise ReactionFileError(f"{path}: {at}: atoms {i_} and {j_} are {d.min():.2f} A apart")
     if (sum(numbers) % 2) != 0:
-        raise ReactionFileError(f"{path}: odd number of electrons ({sum(numbers)}); only closed-shell reactions")
-    rid = str(frames[0].info.get("reaction", os.path.splitext(os.path.basename(path))[0]))
+        raise ReactionFileError(
+            f"{path}: odd number of electrons ({sum(numbers)}) in frame 0; only closed-shell reactions"
+        )
+    rid = str(frames[0][1].info.get("reaction", os.path.splitext(os.path.basename(path))[0]))
+    atoms = [f for _, f in frames]
     return Reaction(
         id=rid,
         numbers=np.asarray(numbers, dtype=int),
-        reactant=np.asarray(frames[0].positions, dtype=np.float64),
-        product=np.asarray(frames[1].positions, dtype=np.float64),
-        ts_guess=np.asarray(frames[2].positions, dtype=np.float64) if len(frames) == 3 else None,
-        comment=str(frames[0].info.get("comment", "")),
+        reactant=np.asarray(atoms[0].positions, dtype=np.float64),
+        product=np.asarray(atoms[1].positions, dtype=np.float64),
+        ts_guess=np.asarray(atoms[2].positions, dtype=np.float64) if len(atoms) == 3 else None,
+        comment=str(atoms[0].info.get("comment", "")),
         path=os.path.abspath(path),
     )
+
+
+def _xyz_frames(path: str) -> list[tuple[int, Atoms]]:
+    """The frames of an xyz file with the line each starts at (1-based), each read by ase's extxyz
+    reader once this scan has found its lines well formed (ase names neither line nor frame)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ReactionFileError(f"{path}: cannot read: {err}") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ReactionFileError(f"{path}: line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as open() in text mode reads it
+    frames: list[tuple[int, Atoms]] = []
+    i = 0
+    while i < len(lines):
+        k, first = len(frames), i + 1
+        if not lines[i].strip():
+            rest = next((j for j in range(i, len(lines)) if lines[j].strip()), None)
+            if rest is None:
+                break
+            raise ReactionFileError(
+                f"{path}: line {first}: blank line where frame {k} should begin (line {rest + 1} has text); "
+                "frames must follow each other without blank lines"
+            )
+        header = lines[i].strip()
+        try:
+            natoms = int(header)
+        except ValueError:
+            raise ReactionFileError(
+                f"{path}: line {first}: frame {k}: expected the number of atoms, got {header[:40]!r}"
+            ) from None
+        if natoms < 1:
+            raise ReactionFileError(f"{path}: line {first}: frame {k}: {natoms} atoms; a frame needs at least one")
+        if i + 1 + natoms >= len(lines):
+            have = max(0, len(lines) - i - 2 - (lines[-1] == ""))
+            raise ReactionFileError(
+                f"{path}: line {first}: frame {k} declares {natoms} atoms but the file ends after {have} atom lines"
+            )
+        comment = lines[i + 1].strip()
+        try:
+            info = key_val_str_to_dict(comment) if comment else {}
+        except Exception as err:  # ase's parser raises several types for a malformed line
+            raise ReactionFileError(
+                f"{path}: line {first + 1}: frame {k}: cannot parse the comment line: {err!r}"
+            ) from err
+        for a in range(natoms):
+            n_line, fields = i + 3 + a, lines[i + 2 + a].split()
+            where = f"{path}: line {n_line}: frame {k}, atom {a}"
+            if not fields:
+                raise ReactionFileError(f"{where}: blank line instead of an atom ({natoms} declared at line {first})")
+            if "Properties" in info:
+                continue  # custom columns: ase checks them, the checks of read_reaction follow
+            if len(fields) < 4:
+                raise ReactionFileError(f"{where}: expected 'symbol x y z', got {lines[i + 2 + a].strip()[:60]!r}")
+            symbol = fields[0].capitalize()  # as ase reads it
+            if symbol not in atomic_numbers or symbol == "X":
+                raise ReactionFileError(f"{where}: unknown element {fields[0][:20]!r}")
+            for c, value in zip("xyz", fields[1:4], strict=True):
+                try:
+                    x = float(value)
+                except ValueError:
+                    raise ReactionFileError(f"{where}: {c} = {value[:20]!r} is not a number") from None
+                if not np.isfinite(x):
+                    raise ReactionFileError(f"{where}: {c} = {value[:20]!r} is not finite")
+        last = i + 2 + natoms
+        try:
+            atoms = next(read_xyz(io.StringIO("\n".join(lines[i:last]) + "\n"), index=0))
+        except Exception as err:  # ase raises many types for a malformed frame
+            raise ReactionFileError(f"{path}: lines {first}-{last}: frame {k}: cannot read as xyz: {err!r}") from err
+        frames.append((first, atoms))
+        i = last
+    return frames
 
 
 def read_reactions(paths: Sequence[str]) -> list[Reaction]:
