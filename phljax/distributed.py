@@ -31,6 +31,13 @@ __all__ = [
 
 AXIS = "data"
 
+#: Seconds without a heartbeat after which a process counts as dead (killed, frozen, its node lost):
+#: jax then aborts every other process with an error (jax's default: 100).
+HEARTBEAT_TIMEOUT_S = 60
+#: Seconds a process that ends waits at exit for the others to end too, e.g. for one that is alive
+#: but stuck (jax's default: 300).
+SHUTDOWN_TIMEOUT_S = 60
+
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
@@ -53,6 +60,9 @@ def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+    shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S,
 ) -> bool:
     """Join this process to a multi-process run with `jax.distributed.initialize`, if one is asked for.
 
@@ -63,10 +73,19 @@ def initialize(
     none of these, or one process, it does nothing. Safe to call twice. Must run before anything
     touches a JAX device (CPU processes exchange collectives over gloo, this JAX's default).
 
+    When a process dies or freezes (killed, out of memory, its node or network lost), the others do
+    not hang: a collective with a killed process fails at once (gloo: connection reset), and once it
+    has sent no heartbeat for `heartbeat_timeout_s`, jax aborts every other process ("Terminating
+    process because the JAX distributed service detected fatal errors"), wherever it waits: in a
+    collective with a frozen process, or at exit (tests/test_distributed_faults.py). Rerun them all
+    to resume from the checkpoints. A process that is alive but stuck still sends heartbeats.
+
     Args:
         coordinator_address: "host:port" of process 0, reachable from every process.
         num_processes: total number of processes.
         process_id: this process's rank, 0 .. num_processes - 1.
+        heartbeat_timeout_s: seconds without a heartbeat after which a process counts as dead.
+        shutdown_timeout_s: seconds a process that ends waits at exit for the others.
 
     Returns:
         True when the run spans several processes.
@@ -80,7 +99,9 @@ def initialize(
     settings = _settings(coordinator_address, num_processes, process_id)
     if settings is None:
         return False  # a single process
-    jax.distributed.initialize(*settings)
+    jax.distributed.initialize(
+        *settings, heartbeat_timeout_seconds=heartbeat_timeout_s, shutdown_timeout_seconds=shutdown_timeout_s
+    )
     return jax.process_count() > 1
 
 

@@ -57,7 +57,7 @@ def no_cluster(monkeypatch):
         if key.startswith(("SLURM_", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")):
             monkeypatch.delenv(key)
     calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *args: calls.append(args))
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append(args))
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     return calls
 

@@ -502,3 +502,80 @@ def test_mini_study_resumes_interrupted_and_skips_locked(mini, tmp_path):
     assert not os.path.exists(os.path.join(interrupted, st.LOCK))
     with open(os.path.join(interrupted, "metrics.jsonl")) as f:
         assert len(f.readlines()) == 1  # resumed from its checkpoint at the epochs cap: nothing retrained
+
+
+def test_a_killed_study_resumes_without_redoing_or_doubling_anything(tmp_path):
+    """`experiments/study.py` (1 scheme x 2 seeds, 3 epochs) SIGKILLed while it trains its second
+    cell, then run again to the end: the finished cell is not redone, the killed one resumes from
+    its checkpoint with each epoch logged once, and the aggregate equals an uninterrupted study's."""
+    import signal
+    import time
+
+    from conftest import REPO, SUBPROCESS_ENV
+
+    def cmd(root):
+        return [sys.executable, os.path.join(REPO, "experiments", "study.py"), "--root", str(root),
+                "--protocol", "random", "--schemes", "none", "--seeds", "2", "--channels", "4", "--num-layers", "1",
+                "--lmax", "1", "--epochs", "3", "--batch-size", "8", "--data", bundled_path("chon_nms_small.h5"),
+                "--no-progress"]  # fmt: skip
+
+    def study(root, log):
+        with open(log, "w") as f:
+            return subprocess.Popen(cmd(root), cwd=REPO, env=SUBPROCESS_ENV, stdout=f, stderr=subprocess.STDOUT)
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    first, second = (killed / "random" / name for name in ("ef-s0", "ef-s1"))
+    reference = study(straight, tmp_path / "straight.log")  # the uninterrupted study, side by side
+    job = study(killed, tmp_path / "killed.log")
+    try:
+        deadline = time.monotonic() + 900
+        while not (os.path.exists(first / "results.json") and len(st._metrics(str(second))) >= 1):
+            assert job.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the second cell did not start"
+            time.sleep(0.02)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+        assert reference.wait(900) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    finally:
+        for p in (job, reference):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert not os.path.exists(second / "results.json") and os.path.exists(second / st.LOCK)  # killed mid-cell
+    done = {f: os.stat(first / f).st_mtime_ns for f in ("results.json", "metrics.jsonl")}
+    rerun = subprocess.run(cmd(killed), cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "random/ef-s1: resuming after epoch" in rerun.stdout, rerun.stdout[-3000:]
+
+    assert {f: os.stat(first / f).st_mtime_ns for f in done} == done  # the finished cell was not trained again
+    assert [r.state for r in st.status(str(killed))] == ["done", "done"]
+    assert not os.path.exists(second / st.LOCK)
+    for root in (killed, straight):
+        for name in ("ef-s0", "ef-s1"):
+            with open(root / "random" / name / "metrics.jsonl") as f:
+                epochs = [json.loads(line)["epoch"] for line in f if line.strip()]
+            assert epochs == [1, 2, 3], (root, name, epochs)
+
+    def without_times(agg):
+        """The aggregate without what differs between two runs of the same study: root, timings."""
+        for cell in agg["protocols"]["random"]["cells"].values():
+            cell.pop("mean_epoch_time_s", None)
+        return {k: v for k, v in agg.items() if k != "root"}
+
+    def same(a, b, where="aggregate"):  # equal, numbers to 1e-6 relative (float reductions)
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for k in a:
+                same(a[k], b[k], f"{where}/{k}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                same(x, y, f"{where}/{i}")
+        elif isinstance(a, float):
+            np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=where)
+        else:
+            assert a == b, (where, a, b)
+
+    a, b = without_times(st.aggregate(str(killed))), without_times(st.aggregate(str(straight)))
+    assert a["protocols"]["random"]["cells"]["ef"]["seeds"] == [0, 1]
+    same(a, b)

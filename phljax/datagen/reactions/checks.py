@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 
+from phljax.datagen.dft import HessianCheckError, SCFNotConvergedError
 from phljax.datagen.sampling import BOND_SCALE, bonded_pairs, normal_modes
+from phljax.optional import import_sella
 
 #: Frequencies below minus this count as imaginary, cm^-1 (smaller negative ones are numerical
 #: noise of the projection of translations and rotations).
@@ -18,6 +21,49 @@ ENDPOINT_RMSD = 0.3
 
 class TSVerificationError(ValueError):
     """A saddle-point search ended at a geometry that is not a first-order saddle."""
+
+
+class NotAMinimumError(ValueError):
+    """An optimised reactant or product has an imaginary frequency (it is a saddle point)."""
+
+
+@functools.cache
+def chemistry_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that are a failure of the chemistry: the only ones a stage records.
+
+    A stage that raises one of these is recorded as failed (``<stage>.failed.json``) and never
+    retried. Any other exception (a ``TypeError`` from a code change, a ``MemoryError``) is a
+    failure of the program: it propagates, nothing is recorded, and the next run tries again.
+
+    - :class:`~phljax.datagen.dft.SCFNotConvergedError`: an SCF did not converge, or a geometry
+      optimisation stopped far from a minimum (PySCF itself raises nothing for either: it returns
+      ``converged=False``, which :mod:`phljax.datagen.dft` turns into this error);
+    - :class:`~phljax.datagen.dft.HessianCheckError`, :class:`TSVerificationError`,
+      :class:`NotAMinimumError`: the ``ValueError`` subclasses of the pipeline's own checks;
+    - ``geometric.errors.Error``: every error geomeTRIC defines (not converged, a bad structure,
+      an engine error, ...);
+    - Sella's ``IRCInnerLoopConvergenceFailure`` and ``NoValidInternalError`` (no valid internal
+      coordinates for a geometry).
+
+    Sella and geomeTRIC are imported on the first call (the ``data`` extra; one not installed
+    cannot have raised anything), so this is a function, not a constant; the tuple is built once.
+    """
+    errors: list[type[Exception]] = [SCFNotConvergedError, HessianCheckError, TSVerificationError, NotAMinimumError]
+    try:
+        import geometric.errors  # noqa: PLC0415 (optional: the `data` extra)
+
+        errors.append(geometric.errors.Error)
+    except ImportError:
+        pass
+    try:
+        import_sella()
+        from sella.internal import NoValidInternalError  # noqa: PLC0415 (optional: the `data` extra)
+        from sella.optimize.irc import IRCInnerLoopConvergenceFailure  # noqa: PLC0415 (optional: the `data` extra)
+
+        errors += [IRCInnerLoopConvergenceFailure, NoValidInternalError]
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def bond_graph(numbers: np.ndarray, positions: np.ndarray, scale: float = BOND_SCALE) -> frozenset:
@@ -40,10 +86,6 @@ def aligned_rmsd(a: np.ndarray, b: np.ndarray) -> float:
 def count_imaginary(freq_cm: np.ndarray, tol_cm: float = IMAG_TOL_CM) -> int:
     """Number of vibrational frequencies below ``-tol_cm`` (imaginary ones are negative), cm^-1."""
     return int(np.sum(np.asarray(freq_cm) < -tol_cm))
-
-
-class NotAMinimumError(ValueError):
-    """An optimised reactant or product has an imaginary frequency (it is a saddle point)."""
 
 
 def verify_minimum(

@@ -40,7 +40,15 @@ class ReactionDir:
         return load_json(p) if os.path.exists(p) else None
 
     def fail(self, name: str, err: Exception | str, **info) -> None:
+        """Record stage ``name`` as failed for good (``<name>.failed.json``: never retried).
+
+        Only for a chemistry failure (:func:`~phljax.datagen.reactions.checks.chemistry_errors`, or a
+        check that found one). The record holds ``reason`` and ``error`` (the exception's type name, when
+        ``err`` is an exception or ``info`` names it), so a cache can be re-examined for code errors.
+        """
         log.error("FAILED %s/%s: %s", self.rxn.id, name, err)
+        if isinstance(err, BaseException):
+            info.setdefault("error", type(err).__name__)
         record = {"reaction": self.rxn.id, "stage": name, "reason": str(err), **info}
         save_json(self.path(name + ".failed.json"), record)
 
@@ -121,10 +129,13 @@ def nms_samples(cfg: ReactionConfig, st: ReactionDir, point: str, hessian_record
 
 
 def _retire_samples(st: ReactionDir, point: str, frozen_cm: np.ndarray) -> None:
-    """Move the samples of ``point`` drawn with rotation-like modes, and their labels, to ``stale_*``."""
-    names = [f"nms_{point}_samples.npz"] + sorted(
+    """Move the samples of ``point`` drawn with rotation-like modes, and their labels, to ``stale_*``.
+
+    The samples file moves last: a run killed in between finds it still there and moves the rest.
+    """
+    names = sorted(
         f for f in os.listdir(st.dir) if f.startswith(f"nms_{point}_") and f[len(f"nms_{point}_") :][:3].isdigit()
-    )
+    ) + [f"nms_{point}_samples.npz"]
     for name in names:
         try:
             os.replace(st.path(name), st.path("stale_" + name))

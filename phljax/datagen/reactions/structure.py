@@ -2,7 +2,9 @@
 
 Each stage caches its result in the reaction's directory (``reactant_opt.npz``, ``ts.npz``,
 ``irc.npz``) or records a failure (``*.failed.json``) and returns None; nothing here raises for a
-chemistry failure, so one bad reaction does not stop a run.
+chemistry failure (:func:`~phljax.datagen.reactions.checks.chemistry_errors`), so one bad reaction
+does not stop a run. Any other exception is a bug or a resource failure, not a property of the
+reaction: it propagates and nothing is recorded, so the next run tries the stage again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ase.optimize import FIRE
 
 from phljax.datagen.cache import load_npz, save_npz
 from phljax.datagen.dft import LevelOfTheory, PySCFCalculator, optimize_geometry
-from phljax.datagen.reactions.checks import TSVerificationError, match_endpoint, verify_ts
+from phljax.datagen.reactions.checks import TSVerificationError, chemistry_errors, match_endpoint, verify_ts
 from phljax.datagen.reactions.labelling import (
     ReactionDir,
     data_extra,
@@ -61,8 +63,8 @@ def optimize_stage(cfg: ReactionConfig, st: ReactionDir, role: str) -> dict | No
     log.info("optimise %s %s (%d atoms)", st.rxn.id, role, len(start))
     try:
         res = optimize_geometry(st.rxn.numbers, start, cfg.level)
-    except Exception as err:  # SCF failure, or geomeTRIC giving up: a recorded failure, not a crash
-        st.fail(f"{role}_opt", f"{type(err).__name__}: {err}")
+    except chemistry_errors() as err:  # SCF failure, or geomeTRIC giving up: a recorded failure, not a crash
+        st.fail(f"{role}_opt", f"{type(err).__name__}: {err}", error=type(err).__name__)
         return None
     save_npz(out, numbers=st.rxn.numbers, start_positions=start, **res)
     log.info("optimised %s %s: E = %.8f Eh, %d steps, %.0f s",
@@ -85,8 +87,8 @@ def ts_stage(cfg: ReactionConfig, st: ReactionDir) -> dict | None:
         info["guess"] = "file" if st.rxn.ts_guess is not None else "neb"
         pos, sella = _sella_saddle(cfg, st, guess)
         info.update(sella)
-    except Exception as err:  # SCF failure or a Sella/NEB breakdown: recorded, the run goes on
-        st.fail("ts", f"{type(err).__name__}: {err}", **info)
+    except chemistry_errors() as err:  # SCF failure or a Sella/NEB breakdown: recorded, the run goes on
+        st.fail("ts", f"{type(err).__name__}: {err}", error=type(err).__name__, **info)
         return None
     if not info["converged"]:
         st.fail("ts", f"Sella did not converge to fmax {cfg.ts_fmax} eV/A in {cfg.ts_steps} steps", **info)
@@ -137,7 +139,7 @@ def _neb_guess(cfg: ReactionConfig, st: ReactionDir, reactant: np.ndarray, produ
     climbing = images[k].positions.copy()
     try:
         guess, info = _sella_saddle(cfg, st, climbing, level, "sella_guess.log")
-    except Exception as err:  # a failed refinement still leaves the climbing image as a guess
+    except chemistry_errors() as err:  # a failed refinement still leaves the climbing image as a guess
         log.warning("%s: guess-level saddle search failed (%s); using the climbing image", st.rxn.id, err)
         guess, info = climbing, {"converged": False, "steps": -1}
     save_npz(out, images=np.stack([im.positions for im in images]), energies_eV=energies, climbing=climbing,
@@ -226,8 +228,8 @@ def irc_stage(cfg: ReactionConfig, st: ReactionDir) -> dict | None:
                     stopped[direction] = len(paths[direction])
                     log.warning("IRC %s %s: inner loop did not converge after %d points; branch ends there",
                                 st.rxn.id, direction, len(paths[direction]))  # fmt: skip
-    except Exception as err:  # SCF failure or an IRC breakdown: recorded, the run goes on
-        st.fail("irc", f"{type(err).__name__}: {err}")
+    except chemistry_errors() as err:  # SCF failure or an IRC breakdown: recorded, the run goes on
+        st.fail("irc", f"{type(err).__name__}: {err}", error=type(err).__name__)
         return None
     if min(len(v) for v in paths.values()) < 2:
         st.fail("irc", f"an IRC branch has fewer than 2 points ({ {k: len(v) for k, v in paths.items()} })")
@@ -239,8 +241,8 @@ def irc_stage(cfg: ReactionConfig, st: ReactionDir) -> dict | None:
     for direction in ("forward", "reverse"):
         try:
             relaxed = optimize_geometry(st.rxn.numbers, paths[direction][-1], cfg.level)["positions"]
-        except Exception as err:
-            st.fail("irc", f"relaxing the {direction} end: {type(err).__name__}: {err}")
+        except chemistry_errors() as err:
+            st.fail("irc", f"relaxing the {direction} end: {type(err).__name__}: {err}", error=type(err).__name__)
             return None
         ends[direction] = match_endpoint(st.rxn.numbers, relaxed, r["positions"], p["positions"], cfg.endpoint_rmsd)
     connects = sorted(e for e in ends.values() if e) == ["product", "reactant"]
@@ -249,7 +251,8 @@ def irc_stage(cfg: ReactionConfig, st: ReactionDir) -> dict | None:
         return None
     # Only a TS whose IRC joins reactant and product becomes data (RTP), with its NMS samples.
     if cfg.labels == "hessian":
-        os.replace(st.path("hess_ts.npz"), st.path("rtp_ts.npz"))
+        if not os.path.exists(st.path("rtp_ts.npz")):  # moved already by a run killed before irc.npz
+            os.replace(st.path("hess_ts.npz"), st.path("rtp_ts.npz"))
     else:
         stationary_hessian(cfg, st, "ts", ts["positions"])
     save_npz(done, forward=paths["forward"], reverse=paths["reverse"], energies_forward_eV=energies["forward"],

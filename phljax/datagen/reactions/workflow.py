@@ -10,6 +10,8 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from logging.handlers import QueueHandler, QueueListener
 from typing import Any, NamedTuple
@@ -113,10 +115,11 @@ def check_minimum(cfg: ReactionConfig, st: ReactionDir, role: str, rec: dict) ->
     try:
         verify_minimum(rec["numbers"], rec["positions"], rec["hessian"], cfg.imag_tol_cm)
     except NotAMinimumError as err:
-        st.fail(f"{role}_minimum", err)
+        # labels out of the data first: a run killed before the record is written labels again
         for kind in ("rtp", "hess"):
             if os.path.exists(st.path(f"{kind}_{role}.npz")):
                 os.replace(st.path(f"{kind}_{role}.npz"), st.path(f"{role}_not_minimum_{kind}.npz"))
+        st.fail(f"{role}_minimum", err)
         return False
     return True
 
@@ -260,7 +263,8 @@ def _run_in_processes(cfg, reactions, cache_dir, rounds, work: list[Task], worke
     a label task of a reaction whose structure tasks have all finished. A worker's exception
     ends the run after the tasks in flight finish (their results are cached). A worker process
     that dies (killed from outside, out of memory) breaks the pool: the tasks in flight are logged
-    and queued again in new workers, up to ``_MAX_RESTARTS`` times per run.
+    and queued again in new workers, up to ``_MAX_RESTARTS`` times per run. A worker whose parent
+    process is gone (the run killed) exits within a second instead of idling on as an orphan.
     """
 
     threads = max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // workers)
@@ -274,7 +278,7 @@ def _run_in_processes(cfg, reactions, cache_dir, rounds, work: list[Task], worke
     restarts = 0
     listener.start()
     try:
-        init = (cfg, list(reactions), cache_dir, rounds, records, threads)
+        init = (cfg, list(reactions), cache_dir, rounds, records, threads, os.getpid())
         while True:
             try:
                 with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=init) as pool:
@@ -355,8 +359,10 @@ class _Queue:
 _WORKER_TASKS: list[Task] = []
 
 
-def _worker_init(cfg, reactions, cache_dir, rounds, records, threads) -> None:
-    """In a worker process: log to the parent's handlers, set the threads, build the task list."""
+def _worker_init(cfg, reactions, cache_dir, rounds, records, threads, parent: int) -> None:
+    """In a worker process: log to the parent's handlers, set the threads, build the task list,
+    and watch the parent (``parent``, its pid)."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
 
     log.handlers[:] = [QueueHandler(records)]
     log.setLevel(logging.INFO)
@@ -365,6 +371,18 @@ def _worker_init(cfg, reactions, cache_dir, rounds, records, threads) -> None:
 
     lib.num_threads(threads)
     _WORKER_TASKS[:] = tasks(cfg, reactions, cache_dir, rounds)
+
+
+def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """End this worker process once ``parent`` is no longer its parent (the run was killed).
+
+    A process pool's workers hold both ends of its queues, so they never see the parent die: they
+    would finish the task in flight, then wait for the next one forever. Exiting at once loses at
+    most that task (every cache file is written atomically); the next run computes it again.
+    """
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(1)
 
 
 def _worker_run(index: int, description: str) -> None:
