@@ -10,6 +10,7 @@ The derivative functions work on any `energy(positions, *args) -> scalar`:
 """
 
 from phljax import data, distributed, models, vibrations
+from phljax.calculator import PHLCalculator
 from phljax.checkpoint import Checkpointer
 from phljax.config import Config
 from phljax.data import GraphBatch, Molecule, read_h5, write_h5

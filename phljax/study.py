@@ -51,6 +51,7 @@ from phljax.train import train
 from phljax.units import KCAL_MOL
 
 __all__ = [
+    "HVP_PROBES",
     "SCHEME_SLUGS",
     "REGIMES",
     "PROTOCOLS",
