@@ -61,17 +61,26 @@ class Checkpointer:
         """Save `state` as epoch `epoch`; also as the best one if `is_best`.
 
         Raises:
-            CheckpointError: if any array of `state` is not finite (nothing is written).
+            CheckpointError: if any array of `state` holds a NaN (nothing is written), or the write
+                fails (disk full, read-only): the previous checkpoint is left as it was.
         """
         state = jax.tree.map(np.asarray, state)
         bad = _nonfinite(state)
         if bad:
             raise CheckpointError(f"epoch {epoch}: refusing to save a state with non-finite values in {bad[:5]}")
-        self.latest.save(epoch, args=ocp.args.StandardSave(state))
-        if is_best:
-            self.best.save(epoch, args=ocp.args.StandardSave(state))
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        try:
+            self.latest.save(epoch, args=ocp.args.StandardSave(state))
+            if is_best:
+                self.best.save(epoch, args=ocp.args.StandardSave(state))
+            self.latest.wait_until_finished()
+            self.best.wait_until_finished()
+        except OSError as e:  # disk full, read-only, quota: orbax wrote to a temporary folder first
+            kept = self.latest.latest_step()
+            raise CheckpointError(
+                f"epoch {epoch}: saving a checkpoint under {self.root} failed ({e.strerror or e}); the previous "
+                f"checkpoint ({'epoch ' + str(kept) if kept is not None else 'none'}) is intact: free space or fix "
+                "permissions, then run the same command again to resume"
+            ) from e
 
     def _restore(self, manager: ocp.CheckpointManager, target: dict | None) -> tuple[int, dict] | None:
         """(step, state) of the newest valid step of `manager`, None if it holds none at all."""

@@ -182,3 +182,40 @@ def test_nan_everywhere_stops_after_a_bounded_number_of_steps(tiny_config, molec
     with pytest.raises(FloatingPointError, match=r"updates had non-finite gradients and were skipped"):
         phljax.train(config, run)
     assert not os.path.exists(os.path.join(config.workdir, "checkpoints", "latest", "1"))  # nothing saved
+
+
+def test_a_full_disk_at_a_save_stops_the_run_and_keeps_the_previous_checkpoint(tiny_config, run, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    """ENOSPC at epoch 2's checkpoint write (orbax's own save raising it, as on a full disk): the run
+    stops with a message that says what to do, and epoch 1's checkpoint still restores."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    config = tiny_config.replace(workdir=str(tmp_path / "full"), epochs=3)
+    original = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    with pytest.raises(
+        CheckpointError, match=r"epoch 2: saving .* \(No space left on device\).* \(epoch 1\) is intact"
+    ):
+        phljax.train(config, run)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", original)
+    ckpt = Checkpointer(config.workdir)
+    assert int(ckpt.restore_latest(initial_record(run, run.optimizer()))["epoch"]) == 1
+    ckpt.close()
+
+
+def test_an_unwritable_work_directory_fails_before_training(tiny_config, run, tmp_path):
+    """A work directory that cannot be created (here: a path through a file; read-only and full
+    file systems fail the same call) stops the run before any training, naming the directory."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    config = tiny_config.replace(workdir=str(blocker / "run"))
+    with pytest.raises(OSError, match="cannot write the work directory"):
+        phljax.train(config, run)
