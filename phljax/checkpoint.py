@@ -82,6 +82,12 @@ class Checkpointer:
                 "permissions, then run the same command again to resume"
             ) from e
 
+    def save_best(self, epoch: int, state: dict) -> None:
+        """Save `state` as the best one of epoch `epoch` (a resumed run whose kill fell between the
+        latest and the best save of its best epoch completes that save)."""
+        self.best.save(epoch, args=ocp.args.StandardSave(jax.tree.map(np.asarray, state)))
+        self.best.wait_until_finished()
+
     def _restore(self, manager: ocp.CheckpointManager, target: dict | None) -> tuple[int, dict] | None:
         """(step, state) of the newest valid step of `manager`, None if it holds none at all."""
         steps = sorted(manager.all_steps(), reverse=True)

@@ -293,6 +293,8 @@ def train(config: Config, run: Run | None = None) -> dict:
         )
     state = TrainState(**record["state"])
     start = int(record["epoch"])
+    if restored is not None and int(record["bad_epochs"]) == 0 and ckpt.best.latest_step() != start:
+        ckpt.save_best(start, record)  # killed between epoch `start`'s latest save and its best save
 
     keys = seeds.run_keys(config.seed)
     train_step, val_loss_step, put = data_parallel_steps(
