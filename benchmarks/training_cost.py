@@ -3,6 +3,7 @@
     python benchmarks/training_cost.py --atoms 5 14 30 60 120 250 --out benchmarks/results/training_cost.json
     python benchmarks/training_cost.py --atoms 14 --repeats 50 --out /tmp/14.json   # re-measure one size
     python benchmarks/training_cost.py --atoms 1000 --schemes E-F "E-F-HVP random K=1" --out big.json
+    python benchmarks/training_cost.py --atoms 14 --flops-only --hessian-chunks 0 --out /tmp/flops.json  # no timing
 
 Each (scheme, size) runs in its own subprocess, so peak RSS is that configuration's alone and an
 out-of-memory failure (address space capped by --mem-limit-gb) is recorded, not fatal. Geometries
@@ -18,8 +19,12 @@ its record lists every trial and the cost per Hessian column.
 Records (JSON list): scheme, n_atoms, num_probes, batch_size, step_time_s (median after warm-up),
 compile_time_s, n_compiles (traces of the step: 1 means one compilation served every step),
 peak_bytes (XLA memory analysis: arguments + outputs + temporaries), peak_rss_bytes, n_params,
-n_edges; E-F-H adds hessian_chunk, hessian_columns, time_per_hessian_column_s, chunk_trials.
-Prints a table with the HVP/E-F, E-F-H/HVP and memory ratios and draws a PNG beside the JSON.
+n_edges, flops and bytes_accessed (XLA's `cost_analysis()` of the compiled step: its arithmetic and
+memory traffic, which machine load cannot move); E-F-H adds hessian_chunk, hessian_columns,
+time_per_hessian_column_s, chunk_trials. Prints a table with the HVP/E-F, E-F-H/HVP and memory
+ratios, a FLOP table with the FLOP ratios beside the time ratios, and draws a PNG beside the JSON.
+`--flops-only` compiles and counts without timing (fast and load-independent); where the FLOPs go
+inside a step: benchmarks/flops.py.
 """
 
 from __future__ import annotations
@@ -112,24 +117,37 @@ def xla_peak_bytes(compiled) -> int | None:
     return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
 
 
-def measure(
+def xla_cost(compiled) -> dict:
+    """XLA's cost analysis of a compiled executable: {"flops", "bytes_accessed"} (None where unknown).
+
+    `compiled.cost_analysis()` is a dict on some jax versions and a list of one dict (one per
+    program) on others; a list of several is summed.
+    """
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, dict):
+        analysis = [analysis]
+    out = {}
+    for name, key in (("flops", "flops"), ("bytes_accessed", "bytes accessed")):
+        values = [a[key] for a in analysis or [] if a and a.get(key) is not None]
+        out[name] = float(sum(values)) if values else None
+    return out
+
+
+def compile_step(
     probe: str,
     num_probes: int,
     n_atoms: int,
     batch_size: int,
-    repeats: int,
-    time_budget: float,
     model_kwargs: dict,
     chunk: int | None,
-    compile_only: bool = False,
     remat: str = "none",
-) -> dict:
-    """Compile and time one train step with an AdamW update (in this process).
+):
+    """The jitted train step of one configuration, compiled: (compiled, jitted, state, batch, monitor,
+    traces, info). `traces()` counts traces of the step so far; info: n_edges, n_params, compile_time_s.
 
     `remat`: "none", or rematerialise the energy function under every derivative with
     `jax.checkpoint` ("full": save nothing; "dots": save matrix products without batch dims).
     """
-    import resource
     import time
 
     import jax
@@ -148,26 +166,55 @@ def measure(
         policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[remat]
         energy_fn = jax.checkpoint(energy_fn, policy=policy)
     train_step = make_train_step(energy_fn, loss_config, optimizer, hessian_chunk=chunk)
-    traces = 0
+    traces = [0]
 
     def step(state, batch, monitor):
-        nonlocal traces
-        traces += 1
+        traces[0] += 1
         return train_step(state, batch, monitor)
 
     jitted = jax.jit(step)
     monitor = jnp.asarray(1.0)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch, monitor).compile()
-    compile_time = time.perf_counter() - t0
+    info = {
+        "n_edges": int(np.sum(np.asarray(batch.edge_mask))),
+        "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "compile_time_s": time.perf_counter() - t0,
+    }
+    return compiled, jitted, state, batch, monitor, (lambda: traces[0]), info
+
+
+def measure(
+    probe: str,
+    num_probes: int,
+    n_atoms: int,
+    batch_size: int,
+    repeats: int,
+    time_budget: float,
+    model_kwargs: dict,
+    chunk: int | None,
+    compile_only: bool = False,
+    remat: str = "none",
+) -> dict:
+    """Compile and time one train step with an AdamW update (in this process); `compile_only`:
+    compile and count (XLA memory and cost analysis), no timing. `remat`: see `compile_step`."""
+    import resource
+
+    import jax
+    import numpy as np
+
+    compiled, jitted, state, batch, monitor, traces, info = compile_step(
+        probe, num_probes, n_atoms, batch_size, model_kwargs, chunk, remat
+    )
     record = {
         "n_atoms": n_atoms,
         "batch_size": batch_size,
         "num_probes": num_probes,
-        "n_edges": int(np.sum(np.asarray(batch.edge_mask))),
-        "compile_time_s": compile_time,
+        "n_edges": info["n_edges"],
+        "compile_time_s": info["compile_time_s"],
         "peak_bytes": xla_peak_bytes(compiled),
-        "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        **xla_cost(compiled),
+        "n_params": info["n_params"],
         "device": str(jax.devices()[0].device_kind),
         "remat": remat,
     }
@@ -191,7 +238,7 @@ def measure(
         step_time_s=step_time,
         step_times_s=[round(t, 6) for t in times],
         first_step_s=first,
-        n_compiles=traces,
+        n_compiles=traces(),
         peak_rss_bytes=int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
     )
     if probe == "full":
@@ -225,7 +272,7 @@ def _worker_cmd(probe: str, k: int, n: int, args, chunk: int = 0) -> list[str]:
         str(chunk),
         "--remat",
         args.remat,
-    ] + (["--compile-only"] if args.compile_only else [])
+    ] + (["--compile-only"] if args.compile_only or args.flops_only else [])
 
 
 def run_worker(cmd: list[str], timeout: float) -> dict:
@@ -258,14 +305,20 @@ def run_one(label: str, probe: str, k: int, n: int, args) -> dict:
         if key in trials:
             continue
         trials[key] = run_worker(_worker_cmd(probe, k, n, args, chunk), args.timeout)
-        status = trials[key].get("error") or f"{trials[key].get('step_time_s', float('nan')):.3f} s"
+        status = trials[key].get("error") or (
+            f"{trials[key]['step_time_s']:.3f} s" if "step_time_s" in trials[key] else _flops_text(trials[key])
+        )
         print(f"        E-F-H chunk {key:>4}: {status}", flush=True)
     ok = {c: r for c, r in trials.items() if "error" not in r}
-    summary = {c: {k: r[k] for k in ("step_time_s", "peak_bytes", "error") if k in r} for c, r in trials.items()}
+    summary = {
+        c: {k: r[k] for k in ("step_time_s", "peak_bytes", "flops", "error") if k in r} for c, r in trials.items()
+    }
     if not ok:
         error = "; ".join(f"chunk {c}: {r['error']}" for c, r in trials.items())
         return {**head, "error": error, "chunk_trials": summary}
-    best = min(ok, key=lambda c: ok[c].get("step_time_s", ok[c].get("peak_bytes") or 0))
+    # timed: the fastest chunk; --flops-only: the fewest FLOPs; --compile-only: the least memory
+    untimed = "flops" if args.flops_only else "peak_bytes"
+    best = min(ok, key=lambda c: ok[c].get("step_time_s", ok[c].get(untimed) or 0))
     return {**head, **ok[best], "chunk_trials": summary}
 
 
@@ -330,6 +383,73 @@ def column_table(records: list[dict]) -> str:
         d1 = f"{1e3 * (h1['step_time_s'] - ef['step_time_s']):.1f}" if _ok(h1) else ""
         d4 = f"{1e3 * (h4['step_time_s'] - ef['step_time_s']) / 4:.1f}" if _ok(h4) else ""
         lines.append(f"| {n} | {full['hessian_columns']} | {1e3 * col:.1f} | {d1} | {d4} |")
+    return "\n".join(lines)
+
+
+def _flops_text(r: dict) -> str:
+    gflop = f"{r['flops'] / 1e9:.3f} GFLOP" if r.get("flops") is not None else "? GFLOP"
+    return f"{gflop}, XLA peak {(r.get('peak_bytes') or 0) / 2**20:.0f} MB"
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 2) -> str:
+    return f"{a / b:.{digits}f}x" if a is not None and b else ""
+
+
+def flop_table(records: list[dict]) -> str:
+    """XLA's FLOPs and bytes accessed per step, their ratios to E-F, and the time ratio beside them."""
+    by = {(r["scheme"], r["n_atoms"]): r for r in records}
+    lines = [
+        "| atoms | batch | scheme | GFLOP | GB accessed | FLOP / E-F | bytes / E-F | time / E-F |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in sorted({r["n_atoms"] for r in records}):
+        ef = by.get(("E-F", n)) or {}
+        for label, _, _ in SCHEMES:
+            r = by.get((label, n))
+            if r is None or "error" in r:
+                continue
+            flops, nbytes = r.get("flops"), r.get("bytes_accessed")
+            time_ratio = _ratio(r.get("step_time_s"), ef.get("step_time_s")) if _ok(r) and _ok(ef) else ""
+            name = label + (f" (chunk {r['hessian_chunk']})" if "hessian_chunk" in r else "")
+            lines.append(
+                f"| {n} | {r['batch_size']} | {name} | {'' if flops is None else f'{flops / 1e9:.3f}'} "
+                f"| {'' if nbytes is None else f'{nbytes / 1e9:.3f}'} | {_ratio(flops, ef.get('flops'))} "
+                f"| {_ratio(nbytes, ef.get('bytes_accessed'))} | {time_ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def _vs_ef(key: str, r: dict | None, ef: dict, base: dict | None = None) -> str:
+    """r[key] / ef[key]; with `base`, the marginal probe (r[key] - base[key]) / 3 / ef[key] (K=4 against K=1)."""
+    value, ref = (r or {}).get(key), ef.get(key)
+    if value is None or not ref or (base is not None and base.get(key) is None):
+        return ""
+    return f"{(value - base[key]) / 3 / ref:.2f}x" if base is not None else f"{value / ref:.2f}x"
+
+
+def flop_ratios(records: list[dict]) -> str:
+    """The headline ratios, FLOPs beside time: HVP K=1 / E-F, the marginal probe ((K=4 - K=1) / 3) / E-F
+    and E-F-H / E-F, for each probe kind and size that has the records."""
+    by = {(r["scheme"], r["n_atoms"]): r for r in records if "error" not in r}
+    lines = ["| atoms | ratio | FLOPs | time |", "|---|---|---|---|"]
+    for n in sorted({r["n_atoms"] for r in records}):
+        ef = by.get(("E-F", n))
+        if not ef:
+            continue
+        for kind in ("random", "one-hot"):
+            h1, h4 = by.get((f"E-F-HVP {kind} K=1", n)), by.get((f"E-F-HVP {kind} K=4", n))
+            if h1:
+                lines.append(
+                    f"| {n} | HVP {kind} K=1 / E-F | {_vs_ef('flops', h1, ef)} | {_vs_ef('step_time_s', h1, ef)} |"
+                )
+            if h1 and h4:
+                lines.append(
+                    f"| {n} | marginal {kind} probe: (K=4 - K=1) / 3 / E-F | {_vs_ef('flops', h4, ef, h1)} "
+                    f"| {_vs_ef('step_time_s', h4, ef, h1)} |"
+                )
+        full = by.get(("E-F-H", n))
+        if full:
+            lines.append(f"| {n} | E-F-H / E-F | {_vs_ef('flops', full, ef)} | {_vs_ef('step_time_s', full, ef)} |")
     return "\n".join(lines)
 
 
@@ -406,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile-only", action="store_true", help="XLA memory analysis only (sizes that do not fit)")
     p.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="compile and count (XLA FLOPs, bytes, memory), no timing: fast and independent of machine load",
+    )
+    p.add_argument(
         "--mem-limit-gb", type=float, default=20.0, help="address-space cap of each worker (0: none, for GPUs)"
     )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
@@ -448,7 +573,7 @@ def main(argv=None) -> None:
             args.time_budget,
             model_kwargs,
             args.hessian_chunks[0] or None,
-            args.compile_only,
+            args.compile_only or args.flops_only,
             args.remat,
         )
         print(json.dumps(record))
@@ -468,14 +593,21 @@ def main(argv=None) -> None:
             if "error" in r:
                 status = r["error"]
             elif "step_time_s" in r:
-                status = f"{1e3 * r['step_time_s']:.2f} ms, compile {r['compile_time_s']:.1f} s"
+                status = f"{1e3 * r['step_time_s']:.2f} ms, compile {r['compile_time_s']:.1f} s, {_flops_text(r)}"
             else:
-                status = f"compiled, XLA peak {(r['peak_bytes'] or 0) / 2**20:.0f} MB"
+                status = f"compiled, {_flops_text(r)}"
             print(f"{n:>5} atoms  {label:<22} {status}", flush=True)
             with open(args.out, "w") as f:  # keep what is measured so far
                 json.dump(records, f, indent=2)
     with open(args.out, "w") as f:
         json.dump(records, f, indent=2)
+    if args.flops_only:
+        print()
+        print(flop_table(records))
+        print()
+        print(flop_ratios(records))
+        print(f"\nwrote {args.out}")
+        return
     plot(records, os.path.splitext(args.out)[0] + ".png")
     print()
     print(table(records))
@@ -483,6 +615,10 @@ def main(argv=None) -> None:
     print(column_table(records))
     print()
     print(throughput_table(records))
+    print()
+    print(flop_table(records))
+    print()
+    print(flop_ratios(records))
     print(f"\nwrote {args.out} and {os.path.splitext(args.out)[0]}.png")
 
 

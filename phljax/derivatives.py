@@ -65,9 +65,11 @@ def value_grad_and_hvp(
         shape eV/A^2.
     """
     value_and_grad = jax.value_and_grad(lambda r: energy(r, *args), has_aux=has_aux)
-    if not _probe_axis(positions, tangents):
-        (e, g), (_, hv) = jax.jvp(value_and_grad, (positions,), (tangents,))
-        return e, g, hv
+    if not _probe_axis(positions, tangents) or tangents.shape[0] == 1:
+        # one probe: a plain jvp, primal and tangent in one pass (no linearisation to store and re-apply)
+        single = tangents if tangents.shape == positions.shape else tangents[0]
+        (e, g), (_, hv) = jax.jvp(value_and_grad, (positions,), (single,))
+        return e, g, hv.reshape(tangents.shape)
     # linearize once, push every probe through the same linear map: the primal pass is shared.
     (e, g), pushforward = jax.linearize(value_and_grad, positions)
     hv = jax.vmap(lambda v: pushforward(v)[1])(tangents)

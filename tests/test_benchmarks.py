@@ -1,5 +1,7 @@
 """The benchmark scripts' pure helpers (no timing: timings live in benchmarks/, never in tests)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from script_loader import load_script
@@ -49,3 +51,93 @@ def test_default_args_are_the_command_lines_defaults():
     assert vars(args).keys() == vars(tc.build_parser().parse_args([])).keys()
     with pytest.raises(TypeError, match="hesian_chunks"):
         tc.default_args(hesian_chunks=[0])
+
+
+class _Compiled:
+    """Stands in for a compiled executable: `cost_analysis()` returns what it is given."""
+
+    def __init__(self, analysis):
+        self.analysis = analysis
+
+    def cost_analysis(self):
+        return self.analysis
+
+
+def test_xla_cost_reads_a_dict_or_a_list_of_dicts():
+    tc = load_script("benchmarks", "training_cost")
+    one = {"flops": 2.5e8, "bytes accessed": 4.0e8, "transcendentals": 10.0}
+    expected = {"flops": 2.5e8, "bytes_accessed": 4.0e8}
+    assert tc.xla_cost(_Compiled(one)) == expected  # a dict (some jax versions)
+    assert tc.xla_cost(_Compiled([one])) == expected  # a list of one dict (others)
+    assert tc.xla_cost(_Compiled([one, {"flops": 1.0, "bytes accessed": 2.0}])) == {
+        "flops": 2.5e8 + 1.0,
+        "bytes_accessed": 4.0e8 + 2.0,
+    }  # several programs: summed
+    assert tc.xla_cost(_Compiled(None)) == {"flops": None, "bytes_accessed": None}
+    assert tc.xla_cost(_Compiled([{"utilization": 1.0}])) == {"flops": None, "bytes_accessed": None}
+
+
+def test_xla_cost_of_a_real_compilation_counts_a_matrix_product():
+    tc = load_script("benchmarks", "training_cost")
+    a = jnp.ones((8, 16), jnp.float32)
+    cost = tc.xla_cost(jax.jit(lambda x, y: x @ y).lower(a, a.T).compile())
+    assert cost["flops"] == 2 * 8 * 8 * 16  # one multiply-add per term
+    assert cost["bytes_accessed"] >= (2 * 8 * 16 + 8 * 8) * 4  # reads both operands, writes the product
+
+
+def test_flop_tables_put_flop_ratios_beside_time_ratios():
+    tc = load_script("benchmarks", "training_cost")
+    base = {"n_atoms": 14, "batch_size": 8, "compile_time_s": 1.0, "n_compiles": 1, "peak_rss_bytes": 2**30}
+    records = [
+        {**base, "scheme": "E-F", "step_time_s": 0.1, "flops": 2e8, "bytes_accessed": 4e8},
+        {**base, "scheme": "E-F-HVP random K=1", "step_time_s": 0.2, "flops": 4.4e8, "bytes_accessed": 1e9},
+        {**base, "scheme": "E-F-HVP random K=4", "step_time_s": 0.5, "flops": 1.1e9, "bytes_accessed": 3e9},
+        {**base, "scheme": "E-F-H", "flops": 1.6e10, "bytes_accessed": 5e10, "hessian_chunk": 42},  # untimed
+    ]
+    text = tc.flop_table(records)
+    assert "| 14 | 8 | E-F-HVP random K=1 | 0.440 | 1.000 | 2.20x | 2.50x | 2.00x |" in text
+    assert "| 14 | 8 | E-F-H (chunk 42) | 16.000 | 50.000 | 80.00x | 125.00x |  |" in text
+    ratios = tc.flop_ratios(records)
+    assert "| 14 | HVP random K=1 / E-F | 2.20x | 2.00x |" in ratios
+    assert "| 14 | marginal random probe: (K=4 - K=1) / 3 / E-F | 1.10x | 1.00x |" in ratios  # (1.1 - 0.44) / 3 / 0.2
+    assert "| 14 | E-F-H / E-F | 80.00x |  |" in ratios
+    assert "one-hot" not in ratios  # no one-hot records, no one-hot rows
+
+
+def test_hlo_recount_matches_xla_cost_analysis():
+    """benchmarks/flops.py re-counts XLA's FLOPs op by op (fusions, reduces, scatters, slices of
+    fused producers); its total must be cost_analysis()'s."""
+    fl = load_script("benchmarks", "flops")
+    tc = load_script("benchmarks", "training_cost")
+
+    def f(x, w, idx):
+        y = jnp.tanh(x @ w) * 2.0 + 1.0  # dot, transcendental (not a FLOP), elementwise
+        parts = [jnp.sum(y[:, i : i + 4] * y[:, :4], axis=1) for i in (0, 4)]  # slices of a fused producer
+        s = jax.ops.segment_sum(y, idx, num_segments=3)  # scatter-add
+        return parts[0] + parts[1], s.max(axis=0)  # reduces
+
+    args = (jnp.ones((10, 6)), jnp.ones((6, 8)), jnp.arange(10) % 3)
+    compiled = jax.jit(f).lower(*args).compile()
+    ops, _ = fl.op_costs(compiled.as_text())
+    assert sum(op[0] for op in ops) == tc.xla_cost(compiled)["flops"]
+    assert sum(op[0] for op in ops if op[1] == "dot") == 2 * 10 * 8 * 6
+    assert sum(op[5] for op in ops) <= sum(op[0] for op in ops)  # read FLOPs never exceed XLA's count
+
+
+def test_schedule_part_reads_the_name_stack():
+    fl = load_script("benchmarks", "flops")
+    part = lambda name, functions=(): fl.schedule_part(name, list(functions))  # noqa: E731
+    assert part("jit(step)/jvp(jvp(NequIP))/_Interaction_0/mul") == "forward"
+    assert part("jit(step)/jvp(transpose(jvp(NequIP)))/_Interaction_0/mul") == "backward (forces)"
+    assert part("jit(step)/transpose(jvp(transpose(jvp(NequIP))))/mul") == "param. gradient of backward (forces)"
+    assert part("jit(step)/jvp(vmap(jvp(jvp(NequIP))))/mul") == "tangent forward"
+    assert part("jit(step)/transpose(jvp(vmap(jvp(transpose(jvp(NequIP))))))/mul") == (
+        "param. gradient of tangent backward"
+    )
+    assert part("jit(step)/jvp(nias,knas->kni)/dot_general", ["reference_hvp"]) == (
+        "reference HVP (H_ref v from the stored blocks)"
+    )
+    assert part("jit(step)/cond/branch_1_fun/mul", ["make_train_step.<locals>.step"]) == (
+        "optimizer (clip, AdamW, plateau)"
+    )
+    assert part("") == "unattributed (no metadata)"

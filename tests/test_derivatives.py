@@ -6,6 +6,7 @@ where a molecule's energy, forces, HVPs and Hessian must not depend on what else
 
 from __future__ import annotations
 
+import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,7 @@ from synthetic import morse_energy
 
 import phljax
 from phljax import data as phdata
+from phljax.models.nequip import _radial_weights
 
 
 def lennard_jones(positions, params):
@@ -102,6 +104,12 @@ def test_leading_probe_axis(morse):
     np.testing.assert_allclose(g, jit_grad(energy, r, z), rtol=1e-13, atol=1e-13)
     with pytest.raises(ValueError, match="tangents must have"):
         phljax.hvp(energy, r, vs[:, :2], z)
+    # one probe on the axis takes a plain jvp (no linearisation): the same numbers, the axis kept
+    e1, g1, hv1 = jax.jit(phljax.value_grad_and_hvp, static_argnums=0)(energy, r, vs[:1], z)
+    assert hv1.shape == (1, *r.shape)
+    np.testing.assert_allclose(hv1[0], hvs[0], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(g1, g, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(e1, e, rtol=1e-14)
 
 
 def test_jit_vmap_and_pytree_arguments(x64):
@@ -212,6 +220,66 @@ def test_block_hessian_of_a_padded_batch_is_each_molecules_hessian(molecules, x6
 
 
 # -- the model ------------------------------------------------------------------------------------------
+
+
+def test_radial_weights_custom_jvps_are_the_mlps_derivatives(x64):
+    """The model's radial MLP runs through custom JVPs that exploit its per-edge scalar input (the
+    length); every derivative the training steps and Hessians take must be e3nn's MLP's, by ordinary
+    autodiff: values, first to third length derivatives, kernel derivatives, and the parameter
+    gradient of a second length derivative (what the HVP loss differentiates)."""
+    num_radial, cutoff, splits = 8, 4.0, (3, 2, 4)
+    mlp = e3nn.flax.MultiLayerPerceptron((6, sum(splits)), act=jax.nn.silu, output_activation=False)
+    lengths = jnp.linspace(0.7, 3.9, 11)
+    params = mlp.init(jax.random.PRNGKey(1), e3nn.bessel(lengths, num_radial, x_max=cutoff))["params"]
+    kernels = (params["Dense_0"]["kernel"], params["Dense_1"]["kernel"])
+    custom = _radial_weights(num_radial, cutoff, splits)
+
+    def reference(k, r):  # e3nn's MLP of the Bessel basis, split as the messages' chunks
+        w = mlp.apply(
+            {"params": {"Dense_0": {"kernel": k[0]}, "Dense_1": {"kernel": k[1]}}},
+            e3nn.bessel(r, num_radial, x_max=cutoff),
+        )
+        return tuple(jnp.split(w, np.cumsum(splits)[:-1], axis=-1))
+
+    def along(fn, order, dr):  # the order-th derivative of fn along dr, by nested jvps
+        g = fn
+        for _ in range(order):
+            g = (lambda h: lambda k, r: jax.jvp(lambda s: h(k, s), (r,), (dr,))[1])(g)
+        return g
+
+    dr = jnp.cos(jnp.arange(11.0))
+    dk = jax.tree.map(lambda k: jnp.sin(jnp.arange(k.size, dtype=k.dtype)).reshape(k.shape), kernels)
+    for order in range(4):
+        np.testing.assert_allclose(
+            jnp.concatenate(jax.jit(along(custom, order, dr))(kernels, lengths), -1),
+            jnp.concatenate(jax.jit(along(reference, order, dr))(kernels, lengths), -1),
+            rtol=1e-12,
+            atol=1e-12,
+        )
+    for fn in (custom, along(custom, 1, dr)):  # kernel tangents, and kernel and length tangents together
+        ref = reference if fn is custom else along(reference, 1, dr)
+        for tangents in ((dk, jnp.zeros_like(lengths)), (dk, dr)):
+            got = jax.jvp(fn, (kernels, lengths), tangents)[1]
+            want = jax.jvp(ref, (kernels, lengths), tangents)[1]
+            np.testing.assert_allclose(jnp.concatenate(got, -1), jnp.concatenate(want, -1), rtol=1e-12, atol=1e-12)
+
+    def curvature_loss(fn):  # a scalar of the second length derivative, as an HVP loss is
+        return lambda k: sum(jnp.sum(jnp.sin(w)) for w in along(fn, 2, dr)(k, lengths))
+
+    for got, want in zip(
+        jax.tree.leaves(jax.jit(jax.grad(curvature_loss(custom)))(kernels)),
+        jax.tree.leaves(jax.jit(jax.grad(curvature_loss(reference)))(kernels)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_model_radial_mlp_parameters_are_e3nns(model64):
+    """The radial MLP's parameters keep e3nn's MultiLayerPerceptron layout (checkpoints stay loadable)."""
+    for layer in ("_Interaction_0",):
+        mlp = model64.params["params"][layer]["MultiLayerPerceptron_0"]
+        assert sorted(mlp) == ["Dense_0", "Dense_1"] and all(list(d) == ["kernel"] for d in mlp.values())
+        assert mlp["Dense_0"]["kernel"].shape[0] == model64.model.num_radial
 
 
 def test_model_hvp_equals_hessian_times_v_and_finite_difference(model64, molecules, x64):
