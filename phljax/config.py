@@ -52,7 +52,7 @@ class Config:
     radial_hidden: int = _MODEL["radial_hidden"]
     # scheme and loss (defaults: phljax.losses.LossConfig, the paper's)
     probe: str = _LOSS.probe  # none (E-F) | onehot | random | full (E-F-H)
-    probe_dist: str = _LOSS.probe_dist  # gaussian | rademacher
+    probe_dist: str = _LOSS.probe_dist  # gaussian | rademacher | orthogonal
     num_probes: int = _LOSS.num_probes
     probe_mode: str = _LOSS.probe_mode  # randomized | fixed | data
     energy_weight: float = _LOSS.energy_weight

@@ -57,7 +57,7 @@ class LossConfig:
     """Scheme, weights, normalisation and probes. Defaults are the paper's."""
 
     probe: str = "random"  # one of SCHEMES: none | onehot | random | full
-    probe_dist: str = "gaussian"  # for probe='random': gaussian | rademacher
+    probe_dist: str = "gaussian"  # for probe='random': gaussian | rademacher | orthogonal
     num_probes: int = 1  # K probes per molecule
     probe_mode: str = "randomized"  # randomized | fixed | data (stored probes and reference HVPs)
     energy_weight: float = 1.0

@@ -214,3 +214,102 @@ def test_loss_fn_terms(model64, curvature_batch, x64, probe, mode):
     np.testing.assert_allclose(metrics["force_loss"], lf.sum(), rtol=1e-10)
     np.testing.assert_allclose(metrics["hessian_loss"], lh.sum(), rtol=1e-10, atol=1e-15)
     np.testing.assert_allclose(loss, np.sum(le + 0.30 * lf + 0.09 * lh), rtol=1e-10)
+
+
+# -- orthogonal probes and the variance of the trace estimate ----------------------------------------
+
+
+def test_orthogonal_probes_are_orthogonal_blocks_on_the_real_atoms(model64, molecules, x64):
+    batch = model64.batch([molecules[0], molecules[12]])  # 3 and 5 atoms (D = 9, 15), then padding
+    k = 20  # one full block and a partial one for D = 15; two full blocks and a partial one for D = 9
+    v = np.asarray(phljax.batch_probes(jax.random.PRNGKey(8), "orthogonal", k, batch))
+    assert np.all(v[:, ~np.asarray(batch.node_mask)] == 0)
+    for g in range(2):
+        x = _block(v, batch, g)  # [K, D]
+        d = x.shape[1]
+        np.testing.assert_allclose(np.sum(x**2, axis=1), d, rtol=1e-12)  # |v|^2 = D exactly
+        for start in range(0, k, d):
+            block = x[start : start + d]
+            np.testing.assert_allclose(block @ block.T, d * np.eye(len(block)), atol=1e-10)
+        full = x[:d]
+        np.testing.assert_allclose(full.T @ full / d, np.eye(d), atol=1e-10)  # a full block gives I exactly
+        assert not np.allclose(x[d : 2 * d] @ full.T, 0, atol=1e-3)  # blocks are drawn independently
+
+
+def test_orthogonal_probes_each_have_identity_second_moment_and_zero_mean(x64):
+    """Over many keys, every probe of a block (full or partial) has E[v v^T] = I and E[v] = 0.
+
+    The mean is what catches a QR without the sign fix: LAPACK's Householder Q makes the first
+    coordinate of the first column always negative.
+    """
+    m, k, n, pad = 20_000, 8, 2, 3  # D = 6: one full block and a partial block of 2
+    keys = jax.random.split(jax.random.PRNGKey(9), m)
+    v = jax.vmap(lambda key: molecule_probes(key, "orthogonal", k, jnp.int32(n), pad, jnp.float64))(keys)
+    v = np.asarray(v)  # [M, K, pad, 3]
+    assert np.all(v[:, :, n:] == 0)
+    x = v[:, :, :n].reshape(m, k, 3 * n)
+    d = 3 * n
+    for j in range(k):
+        products = x[:, j, :, None] * x[:, j, None, :]  # [M, D, D]
+        se = products.std(0, ddof=1) / np.sqrt(m)
+        assert np.all(np.abs(products.mean(0) - np.eye(d)) <= 5 * se + 1e-12), j
+        assert se.max() < 0.05
+        se_mean = x[:, j].std(0, ddof=1) / np.sqrt(m)
+        assert np.all(np.abs(x[:, j].mean(0)) <= 5 * se_mean), (j, x[:, j].mean(0))
+
+
+def _psd_error_matrix(d: int, seed: int) -> np.ndarray:
+    """A = B^T B, B = E / D with E a random symmetric 'model error' matrix: what PHL's loss sees."""
+    e = np.random.default_rng(seed).standard_normal((d, d))
+    b = (e + e.T) / d
+    return b.T @ b
+
+
+def test_variance_formulas_are_the_issues(x64):
+    a = _psd_error_matrix(6, 0)
+    d = 6
+    off = sum(a[i, j] ** 2 for i in range(d) for j in range(d) if i != j)
+    cross = sum(a[i, i] * a[k, k] for i in range(d) for k in range(d) if i != k)
+    np.testing.assert_allclose(phljax.hutchinson_variance(a, "gaussian"), 2 * np.sum(a**2), rtol=1e-12)
+    np.testing.assert_allclose(phljax.hutchinson_variance(a, "rademacher"), 2 * off, rtol=1e-12)
+    onehot = (d - 1) * np.sum(np.diag(a) ** 2) - cross
+    np.testing.assert_allclose(phljax.hutchinson_variance(a, "onehot"), onehot, rtol=1e-12)
+    np.testing.assert_allclose(phljax.hutchinson_variance(a, "gaussian", 4), 2 * np.sum(a**2) / 4, rtol=1e-12)
+    for k in (d, 2 * d):  # whole orthogonal blocks give the trace exactly
+        assert float(phljax.hutchinson_variance(a, "orthogonal", k)) == pytest.approx(0.0, abs=1e-15)
+    skew = np.triu(np.ones((d, d)), 1)  # v^T A v only sees the symmetric part
+    np.testing.assert_allclose(phljax.hutchinson_variance(a + skew - skew.T, "rademacher"), 2 * off, rtol=1e-12)
+    with pytest.raises(ValueError, match="square"):
+        phljax.hutchinson_variance(a[:3], "gaussian")
+    with pytest.raises(ValueError, match="num_probes"):
+        phljax.hutchinson_variance(a, "gaussian", 0)
+    with pytest.raises(ValueError, match="unknown probe distribution"):
+        phljax.hutchinson_variance(a, "uniform")
+
+
+@pytest.mark.parametrize(
+    "distribution, k", [("gaussian", 1), ("rademacher", 1), ("onehot", 1), ("orthogonal", 1), ("orthogonal", 4),
+                        ("orthogonal", 8), ("rademacher", 3)]
+)  # fmt: skip
+def test_variance_formulas_match_monte_carlo(x64, distribution, k):
+    """Var of (1/K) sum_k v_k^T A v_k over many draws of the implemented probes = the formula.
+
+    The standard error of a sample variance s^2 is sd((t - mean)^2) / sqrt(M); the test also
+    requires it to be small next to the gaps between the families' formulas, so a formula of the
+    wrong family (or a missing 1/K) cannot pass.
+    """
+    m, n = 40_000, 2  # D = 6, padded to 3 atoms
+    d = 3 * n
+    a = _psd_error_matrix(d, 1)
+    keys = jax.random.split(jax.random.PRNGKey(10), m)
+    v = jax.vmap(lambda key: molecule_probes(key, distribution, k, jnp.int32(n), 3, jnp.float64))(keys)
+    x = np.asarray(v)[:, :, :n].reshape(m, k, d)
+    t = np.einsum("mki,ij,mkj->m", x, a, x) / k  # [M] estimates of tr(A)
+    dev2 = (t - t.mean()) ** 2
+    var, se = dev2.sum() / (m - 1), dev2.std(ddof=1) / np.sqrt(m)
+    expected = float(phljax.hutchinson_variance(a, distribution, k))
+    assert abs(t.mean() - np.trace(a)) <= 5 * np.sqrt(var / m)  # unbiased
+    assert abs(var - expected) <= 5 * se, (var, expected, se)
+    others = [float(phljax.hutchinson_variance(a, f, kk)) for f in DISTRIBUTIONS for kk in (1, k)]
+    gaps = [abs(o - expected) for o in others if abs(o - expected) > 1e-12 * expected]
+    assert 5 * se < 0.5 * min(gaps), "too few samples to tell this family's variance from another's"

@@ -10,12 +10,16 @@ Modules:
         as ``phljax.data.Molecule``.
     reactions: the data-generation pipeline (minima, transition states, IRC, normal-mode
         samples), run by ``experiments/make_dataset.py``.
-    card: the reaction set's data card, rendered from the cache summary.
+    card: the data cards of the reaction set and the size-scaling set, rendered from cache summaries.
+    xtb: GFN2-xTB through tblite (the `scale` extra): energies, analytic gradients, checked
+        finite-difference Hessians, FD HVPs, an ASE calculator and LBFGS relaxation.
+    scale: the size-scaling set (10-180 atoms from SMILES, RDKit conformers, xTB minima, normal-mode
+        samples, E/F + test Hessians + HVPs of the largest), run by ``experiments/make_scale_data.py``.
 
 Unit constants come from :mod:`phljax.units` (its DFT-side, CODATA 2018 values).
 
-PySCF and geomeTRIC are imported lazily inside the functions that need them, so importing this
-package costs nothing when they are not installed.
+PySCF and geomeTRIC (and tblite and RDKit) are imported lazily inside the functions that need them,
+so importing this package costs nothing when they are not installed.
 """
 
 from phljax.datagen.dispersion import chg_dispersion, chg_dispersion_energy

@@ -1,4 +1,4 @@
-"""The data card of a reaction data set, rendered from the cache summary (so it never drifts)."""
+"""The data cards of the reaction set and the size-scaling set, rendered from cache summaries (so they never drift)."""
 
 from __future__ import annotations
 
@@ -246,4 +246,109 @@ optimised structures only to the optimisers' tolerances, and the eigenvectors' s
 (and so is the basis of a degenerate pair, like the bends of linear HCN and HNC). Its NMS geometries
 then differ from these, drawn from the same distribution, and Sella's `irc_forward` may be the other
 branch (`toward` says which end each branch reaches).
+"""
+
+
+def render_scale_card(summary: dict[str, Any], prefix: str) -> str:
+    """Markdown data card of the size-scaling set made by :mod:`phljax.datagen.scale`.
+
+    Args:
+        summary: :func:`phljax.datagen.scale.summarize` (or ``assemble``) of the cache.
+        prefix: file prefix (files ``<prefix>-train.h5``, ``-test.h5``, ``-minima.h5``).
+
+    Returns:
+        The card as a markdown string.
+    """
+    cfg = summary["config"] or {}
+    level = summary.get("level") or cfg.get("level", {})
+    mols = summary["molecules"]
+    n, planned = summary["n_geometries"], summary["n_planned"]
+    done = summary["n_settled"] >= planned
+    status = "complete" if done else f"PARTIAL: {n} of {planned} planned geometries so far"
+    rows = [
+        f"| {name} | {m['family']} | {m['n_atoms']} | {m['size_bin']} | {m['n_train']} | {m['n_test']} | "
+        f"{m['n_hvp']} | {m.get('lowest_freq_cm', float('nan')):.0f} | {m.get('n_frozen', 0)} | "
+        f"{m.get('s_per_gradient', float('nan')):.3f} | {'; '.join(m['rejected'])} |"
+        for name, m in sorted(mols.items(), key=lambda kv: kv[1]["n_atoms"])
+    ]
+    bins = [f"| {b} | {c['molecules']} | {c['train']} | {c['test']} | {c['hvp']} |" for b, c in summary["bins"].items()]
+    limits = cfg.get("limits", {})
+    atoms = sorted(m["n_atoms"] for m in mols.values())
+    size = f"{atoms[0]}-{atoms[-1]}" if atoms else "0"
+    started = sum(m["n_train"] + m["n_test"] > 0 for m in mols.values())
+    return f"""# Data card: `{prefix}-{{train,test,minima}}.h5` (size-scaling set, {level.get("method", "GFN2-xTB")})
+
+Status: **{status}**. {n} labelled normal-mode samples of {started} of the {len(mols)} neutral
+closed-shell C/H/N/O molecules of {size} atoms (alkanes, alcohols, amides and peptides, rings and aromatics, larger
+flexible molecules), made by `phljax.datagen.scale` for the size-scaling study (issue 19), plus
+the minimum of each molecule.
+{summary["n_rejected"]} calculations were rejected and are not in the files.
+
+## Level of theory: deliberately not the reaction set's
+
+{level.get("method", "GFN2-xTB")} (tblite {level.get("tblite_version", "?")}; accuracy {level.get("accuracy")},
+electronic temperature {level.get("electronic_temperature")} K), not the omegaB97X-D/6-31G(d) of
+`chon_reactions`. The set asks how the training methods (E-F, E-F-HVP one-hot and random, E-F-H)
+scale with molecule size; any consistent reference surface answers that, and GFN2-xTB is cheap
+enough for thousands of geometries up to ~180 atoms on 2 cores. Do not mix these labels with the
+DFT set's, and do not read its errors as DFT accuracy.
+
+## Labels
+
+- Every geometry: energy (`energies`, Hartree, total) and forces (`forces`, Hartree/Angstrom, the
+  negative analytic gradient).
+- Test subset (`{prefix}-test.h5`; {cfg.get("n_test_per_bin")} samples per size bin, dealt round-robin over
+  the bin's molecules) and every minimum (`{prefix}-minima.h5`): a full Hessian (`hessian`
+  [n_conf, 3N, 3N], Hartree/Angstrom^2) by central differences of analytic gradients with step
+  {cfg.get("fd_step")} Angstrom, symmetrised; accepted only with max|H - H^T|/max|H| <= {limits.get("max_asym_rel")},
+  translational sum rule max|sum_j H_ij|/max|H| <= {limits.get("max_sum_rule_rel")}, and
+  {cfg.get("check_columns")} columns recomputed with step 2h agreeing to {limits.get("max_step_rel")} of max|H|.
+- Training samples of molecules with >= {cfg.get("hvp_min_atoms")} atoms (`{prefix}-train.h5`): instead of
+  a Hessian, {cfg.get("num_probes")} {cfg.get("probe_kind")} probes (`hvp_probes` [n_conf, K, N, 3],
+  dimensionless, E[v v^T] = I) and their Hessian-vector products (`hvps`, Hartree/Angstrom^2) by central
+  differences of gradients along each probe (2K gradients), for `--probe-mode data`.
+- Provenance per geometry: `name`, `family`, `smiles`, `size_bin`, `split` (train, test, minimum),
+  `category` (nms, minimum), `index` (sample), `source`.
+
+## How each geometry was made
+
+1. RDKit ETKDG (v3) conformer from the SMILES, `randomSeed` {cfg.get("seed")}; relaxed with GFN2-xTB by
+   ASE's LBFGS to max per-atom |F| <= {cfg.get("fmax")} eV/Angstrom.
+2. The checked FD Hessian at the minimum; harmonic analysis with translations and rotations projected
+   out (`phljax.datagen.sampling.normal_modes`).
+3. {cfg.get("n_nms")} normal-mode samples per molecule from the classical harmonic Boltzmann distribution
+   at {cfg.get("temperature")} K, as for the reaction set: modes below {cfg.get("min_freq_cm")} cm^-1 (and imaginary
+   ones) and rotation-like modes (second-order bond stretch > {cfg.get("max_rectilinear_stretch")} at one RMS
+   amplitude) not displaced; seeded by `default_rng([seed, crc32(name)])`.
+
+## Size bins
+
+| atoms | molecules | train | test (Hessian) | train with HVPs |
+|---|---|---|---|---|
+{chr(10).join(bins)}
+
+## Molecules
+
+Lowest frequency at the minimum (cm^-1), modes not displaced as rotation-like, and the median wall
+time per gradient of the molecule's labels (seconds, on the machine and load of the run).
+
+| name | family | atoms | bin | train | test | HVP | lowest freq | frozen | s/gradient | rejected |
+|---|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+## Compute
+
+{summary["compute_s"] / 3600:.2f} h so far (the sum of every calculation's wall time, relaxations included).
+
+## Regenerate
+
+```
+pip install -e '.[scale]'
+OMP_NUM_THREADS=1 nice -n 10 python experiments/make_scale_data.py            # all molecules (resumes)
+python experiments/make_scale_data.py --only propane,benzene --cache runs/s/cache --out runs/s
+python experiments/make_scale_data.py --assemble                              # files from the cache
+```
+
+Resuming recomputes nothing. The conformers are fixed by the seed, the minima by the optimiser to its
+tolerance; given a cached minimum Hessian the samples are fixed by the seed.
 """

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: The probe distributions :func:`make_probes` draws (named as in :data:`phljax.probes.DISTRIBUTIONS`).
-PROBE_KINDS = ("gaussian", "onehot")
+PROBE_KINDS = ("gaussian", "onehot", "orthogonal")
 
 
 def is_done(stem: str) -> bool:
@@ -137,7 +137,9 @@ def label_hessian(
 
 
 def make_probes(kind: str, num_probes: int, n_atoms: int, rng: np.random.Generator) -> np.ndarray:  # [K, N, 3]
-    """Probe vectors with E[v v^T] = I: ``gaussian`` N(0, I) or ``onehot`` sqrt(3N) e_c, c uniform.
+    """Probe vectors with E[v v^T] = I: ``gaussian`` N(0, I), ``onehot`` sqrt(3N) e_c, c uniform, or
+    ``orthogonal``: sqrt(3N) times the columns of random orthogonal blocks of 3N (the last block
+    partial), as :func:`phljax.probes.molecule_probes` draws them.
 
     Returns:
         [num_probes, n_atoms, 3] float64, dimensionless.
@@ -154,6 +156,12 @@ def make_probes(kind: str, num_probes: int, n_atoms: int, rng: np.random.Generat
         v = np.zeros((num_probes, d))
         v[np.arange(num_probes), rng.integers(0, d, num_probes)] = np.sqrt(d)
         return v.reshape(num_probes, n_atoms, 3)
+    if kind == "orthogonal":
+        blocks = []
+        for start in range(0, num_probes, d):
+            q, r = np.linalg.qr(rng.standard_normal((d, min(d, num_probes - start))))
+            blocks.append((q * np.where(np.diag(r) < 0, -1.0, 1.0)).T)  # sign fix: Haar distributed
+        return (np.sqrt(d) * np.concatenate(blocks)).reshape(num_probes, n_atoms, 3)
     raise ValueError(f"unknown probe kind {kind!r}: expected one of {PROBE_KINDS}")
 
 
@@ -218,7 +226,8 @@ def label_hvp(
     return True
 
 
-_META_KEYS = ("category", "reaction", "point", "toward", "name", "kind", "index", "source")
+_SCALE_META_KEYS = ("family", "smiles", "split", "size_bin")  # phljax.datagen.scale's
+_META_KEYS = ("category", "reaction", "point", "toward", "name", "kind", "index", "source", *_SCALE_META_KEYS)
 
 
 def to_molecules(records: list[dict[str, Any]], symmetrize: bool = True) -> list:
