@@ -24,10 +24,10 @@ py=${PYTHON:-python3}
 } > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
-common=(--hessian-chunks 0 --repeats 20 --time-budget 5 --mem-limit-gb 0)
+common=(--hessian-chunks 0 --rounds 10 --round-s 0.3 --mem-limit-gb 0)
 timeout "${PHASE1_S:-200}" "$py" "$here/training_cost.py" --atoms 14 "${common[@]}" --out "$out/training_cost_14.json"
 timeout "${PHASE2_S:-120}" "$py" "$here/peer_mace.py" --atoms 12 --device cuda --mem-limit-gb 0 \
-    --hessian-chunks 0 --repeats 10 --time-budget 5 --out "$out/peer_mace.json"
+    --hessian-chunk 0 --rounds 8 --round-s 0.3 --out "$out/peer_mace.json"
 timeout "${PHASE3_S:-100}" "$py" "$here/training_cost.py" --atoms 120 --schemes E-F "E-F-HVP random K=1" E-F-H \
     "${common[@]}" --out "$out/training_cost_120.json"
 timeout "${PHASE4_S:-80}" "$py" "$here/training_cost.py" --atoms 1000 --schemes E-F "E-F-HVP random K=1" \

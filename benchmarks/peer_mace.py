@@ -18,9 +18,14 @@ batch as phljax:
 
 The MACE is sized to phljax's default model (16 channels of l = 0, 1 features, l <= 2 spherical
 harmonics, 2 interactions, correlation 3, radial MLP [32, 32], 5 A cutoff: 17.8k parameters against
-phljax's 16.7k). Both use float32 and, on this CPU, the same number of threads. Each framework runs
-in its own subprocess. The JSON holds one record per (framework, task, size) with step_time_s
-(median), and the ratios phljax / MACE are printed.
+phljax's 16.7k). Both use float32. Timing follows benchmarks/hygiene.py: each phljax step (and
+phljax's Hessian) and the MACE model (eager, and with --torch-compile also `torch.compile`d) live
+in persistent worker processes pinned to the same CPUs (torch.set_num_threads = XLA's pool = the
+CPUs), all compiled or warmed first; then interleaved rounds time every (framework, task) in turn,
+so both frameworks see the same machine. The JSON holds one record per (framework, task, size)
+with step_time_s (median of round medians), round_medians_s and the load before and after; the
+table gives phljax / MACE as the median of per-round ratios with its interquartile range. A MACE
+task that torch cannot run (e.g. double backward through `torch.compile`) is recorded as an error.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import os
 import sys
 
+import hygiene  # sibling module: interleaved timing, pinned threads, load marking
 import training_cost  # sibling script (python puts the script's folder on sys.path): synthetic molecules, workers
 
 ELEMENTS = [1, 6, 7, 8]
@@ -81,22 +87,28 @@ def mace_batch(molecules, cutoff: float):
     return next(iter(loader))
 
 
-def measure_mace(n_atoms: int, batch_size: int, repeats: int, time_budget: float, device: str = "cpu") -> list[dict]:
-    """Time MACE's three training steps and its Hessian inference at one size (this process), on a
-    torch `device` ("cpu" or "cuda"; every timed call ends with a synchronisation)."""
+def serve_mace(n_atoms: int, batch_size: int, device: str = "cpu", compile_mode: str = "eager") -> None:
+    """Serve MACE's three training steps and its Hessian inference at one size (`hygiene.serve`),
+    on a torch `device` ("cpu" or "cuda"; every timed call ends with a synchronisation), threads
+    pinned to the driver's CPUs. `compile_mode` "compile": the model through `torch.compile`
+    (a task that fails to compile or run reports its error instead of times)."""
+    import importlib.metadata
     import time
 
     import mace  # noqa: F401
-    import numpy as np
     import torch
     from mace.calculators import MACECalculator
 
     from phljax import data as phdata
 
+    pinned = hygiene.pin()
+    torch.set_num_threads(len(pinned["cpus"]))
+
     cutoff = 5.0
     mols = [training_cost.synthetic_molecule(n_atoms, seed) for seed in range(batch_size)]
     torch.manual_seed(0)
     model = build_mace(cutoff, phdata.mean_neighbors(mols, cutoff)).to(device)
+    forward = torch.compile(model) if compile_mode == "compile" else model
     n_params = sum(p.numel() for p in model.parameters())
     batch = mace_batch(mols, cutoff).to(device)
     node_graph = batch["batch"]  # [n_nodes] molecule of each atom
@@ -115,7 +127,7 @@ def measure_mace(n_atoms: int, batch_size: int, repeats: int, time_budget: float
     def step(scheme: str):
         optimizer.zero_grad(set_to_none=True)
         data = batch.to_dict()
-        out = model(data, training=True, compute_force=True)
+        out = forward(data, training=True, compute_force=True)
         positions = data["positions"]  # requires_grad, set by MACE's forward
         e, f = out["energy"], out["forces"]
         loss = (e - e_ref) ** 2 / torch.sqrt(dof / 3) + 0.30 * per_graph((f - f_ref) ** 2) / dof
@@ -139,41 +151,43 @@ def measure_mace(n_atoms: int, batch_size: int, repeats: int, time_budget: float
         if device != "cpu":
             torch.cuda.synchronize()
 
-    records = []
-    for scheme in TASKS[:3]:
-        if training_cost.time_calls(lambda s=scheme: step(s), 1, 0.0)[0] < 2.0:  # warm-up
-            step(scheme)
-        times = training_cost.time_calls(lambda s=scheme: step(s), repeats, time_budget)
-        records.append(dict(task=scheme, step_times_s=times, step_time_s=float(np.median(times))))
-
     calc = MACECalculator(models=build_mace(cutoff).eval(), device=device, default_dtype="float32")
     import ase
 
     atoms = ase.Atoms(numbers=mols[0].numbers, positions=mols[0].positions)
-    t0 = time.perf_counter()
-    hessian = calc.get_hessian(atoms)
-    first_call = time.perf_counter() - t0
-    assert hessian.size == (3 * n_atoms) ** 2, hessian.shape
-    times = training_cost.time_calls(lambda: calc.get_hessian(atoms), repeats, time_budget)
-    records.append(dict(task="Hessian inference", first_call_s=first_call, step_times_s=times))
-    records[-1]["step_time_s"] = float(np.median(times))
-    for r in records:
-        r.update(
-            framework="mace-torch", n_atoms=n_atoms, n_params=n_params, threads=torch.get_num_threads(), device=device
-        )
-        r["batch_size"] = 1 if r["task"] == "Hessian inference" else batch_size
-    return records
+
+    def hessian():
+        h = calc.get_hessian(atoms)
+        assert h.size == (3 * n_atoms) ** 2, h.shape
+
+    tasks = {scheme: (lambda s=scheme: step(s)) for scheme in TASKS[:3]}
+    tasks["Hessian inference"] = hessian
+    info = {"framework": "mace-torch", "n_params": n_params, "threads": torch.get_num_threads(), "pin": pinned}
+    info.update(
+        device=device, torch=torch.__version__, mace=importlib.metadata.version("mace-torch"), compile_mode=compile_mode
+    )
+    first_call = {}
+    for name, fn in tasks.items():  # first calls (torch.compile compiles here)
+        t0 = time.perf_counter()
+        try:
+            fn()
+            first_call[name] = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 (a task torch cannot run is recorded, the rest go on)
+            first_call[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    info["first_call_s"] = first_call
+    hygiene.serve({k: v for k, v in tasks.items() if not isinstance(first_call[k], str)}, info)
 
 
-def measure_phljax_hessian(n_atoms: int, repeats: int, time_budget: float, chunk: int | None) -> dict:
-    """Jitted `phljax.hessian` of one molecule (the fastest chunk is chosen by the caller)."""
+def serve_phljax_hessian(n_atoms: int, chunk: int | None) -> None:
+    """Serve the jitted `phljax.hessian` of one molecule (`hygiene.serve`, task "Hessian inference")."""
     import time
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import phljax
+
+    pinned = hygiene.pin()
 
     _, batch, model, params, _ = training_cost.setup("none", 0, n_atoms, 1, {})
     energy_fn = phljax.models.make_energy_fn(model)
@@ -191,97 +205,105 @@ def measure_phljax_hessian(n_atoms: int, repeats: int, time_budget: float, chunk
     compile_time = time.perf_counter() - t0
     h = jax.block_until_ready(compiled(params, batch, positions))
     assert h.shape == (n_atoms, 3, n_atoms, 3) and bool(jnp.all(jnp.isfinite(h)))
-    times = training_cost.time_calls(
-        lambda: jax.block_until_ready(compiled(params, batch, positions)), repeats, time_budget
-    )
-    return dict(
-        framework="phljax",
-        task="Hessian inference",
-        n_atoms=n_atoms,
-        batch_size=1,
-        hessian_chunk=chunk or 3 * n_atoms,
-        compile_time_s=compile_time,
-        step_times_s=times,
-        step_time_s=float(np.median(times)),
-    )
+    info = dict(framework="phljax", hessian_chunk=chunk or 3 * n_atoms, compile_time_s=compile_time, pin=pinned)
+    hygiene.serve({"Hessian inference": lambda: jax.block_until_ready(compiled(params, batch, positions))}, info)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--atoms", type=int, nargs="+", default=[12, 24])
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--time-budget", type=float, default=60.0)
-    p.add_argument("--hessian-chunks", type=int, nargs="+", default=[0, 12])
+    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds (benchmarks/hygiene.py)")
+    p.add_argument("--round-s", type=float, default=0.6, help="seconds of steps per task and round (>= 1 step)")
+    p.add_argument("--hessian-chunk", type=int, default=0, help="phljax E-F-H / Hessian chunk (0: all columns)")
+    p.add_argument("--torch-compile", action="store_true", help="also time MACE through torch.compile")
     p.add_argument("--out", default="benchmarks/results/peer_mace.json")
-    p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--device", default="cpu", help='torch device of MACE ("cuda" on a GPU; phljax uses JAX\'s default)')
     p.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space cap of phljax workers (0: none)")
     p.add_argument("--worker", nargs=2, metavar=("WHAT", "N"), help=argparse.SUPPRESS)
-    p.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         what, n = args.worker[0], int(args.worker[1])
-        if what == "mace":
-            out = measure_mace(n, args.batch_size, args.repeats, args.time_budget, args.device)
+        if what in ("mace", "mace-compile"):
+            serve_mace(n, args.batch_size, args.device, "compile" if what == "mace-compile" else "eager")
         else:
-            out = measure_phljax_hessian(n, args.repeats, args.time_budget, args.chunk or None)
-        print(json.dumps(out))
+            serve_phljax_hessian(n, args.hessian_chunk or None)
         return
 
     bench = training_cost.default_args(
-        batch_size=args.batch_size,
-        large=10**9,  # the same batch at every size, as MACE gets
-        repeats=args.repeats,
-        time_budget=args.time_budget,
-        mem_limit_gb=args.mem_limit_gb,
-        hessian_chunks=args.hessian_chunks,
-        timeout=args.timeout,
-    )
+        batch_size=args.batch_size, large=10**9, mem_limit_gb=args.mem_limit_gb, hessian_chunks=[args.hessian_chunk]
+    )  # the same batch at every size, as MACE gets
+    me = [sys.executable, os.path.abspath(__file__), "--batch-size", str(args.batch_size), "--device", args.device,
+          "--hessian-chunk", str(args.hessian_chunk)]  # fmt: skip
     records = []
-    me = [sys.executable, os.path.abspath(__file__), "--batch-size", str(args.batch_size), "--repeats",
-          str(args.repeats), "--time-budget", str(args.time_budget), "--device", args.device]  # fmt: skip
     for n in args.atoms:
-        for label, probe, k in training_cost.SCHEMES:
-            if label in TASKS:
-                r = training_cost.run_one(label, probe, k, n, bench)
-                records.append({"framework": "phljax", "task": label, **r})
-        trials = [training_cost.run_worker(me + ["--worker", "phljax", str(n), "--chunk", str(c)], args.timeout)
-                  for c in sorted({c if 0 < c < 3 * n else 0 for c in args.hessian_chunks})]  # fmt: skip
-        ok = [t for t in trials if "error" not in t]
-        best = min(ok, key=lambda t: t["step_time_s"]) if ok else {"error": trials[0]["error"]}
-        records.append({"framework": "phljax", "task": "Hessian inference", "n_atoms": n, **best})
-        mace_out = training_cost.run_worker(me + ["--worker", "mace", str(n)], args.timeout)
-        if isinstance(mace_out, dict):  # an error
-            records += [{"framework": "mace-torch", "task": t, "n_atoms": n, **mace_out} for t in TASKS]
-        else:
-            records += mace_out
-        for r in records[-8:]:
-            status = r.get("error") or f"{1e3 * r['step_time_s']:.1f} ms"
-            print(f"{n:>4} atoms  {r['framework']:<10} {r['task']:<20} {status}", flush=True)
+        workers, tasks, meta = {}, {}, {}  # label -> (worker, worker's task), (framework, task)
+        try:
+            for label, probe, k in training_cost.SCHEMES:
+                if label in TASKS:
+                    cmd = training_cost._worker_cmd(probe, k, n, bench, args.hessian_chunk, mode="--serve")
+                    workers[f"phljax {label}"] = hygiene.Worker(cmd, env=training_cost._env())
+                    tasks[f"phljax {label}"] = (workers[f"phljax {label}"], "step")
+                    meta[f"phljax {label}"] = ("phljax", label)
+            workers["phljax Hessian"] = hygiene.Worker(me + ["--worker", "phljax", str(n)], env=training_cost._env())
+            tasks["phljax Hessian inference"] = (workers["phljax Hessian"], "Hessian inference")
+            meta["phljax Hessian inference"] = ("phljax", "Hessian inference")
+            for mode in ["mace"] + (["mace-compile"] if args.torch_compile else []):
+                w = workers[mode] = hygiene.Worker(me + ["--worker", mode, str(n)], env=training_cost._env())
+                name = "MACE" if mode == "mace" else "MACE compiled"
+                for task, first in w.info["first_call_s"].items():
+                    if isinstance(first, str):
+                        error = " ".join(first.split())  # one line
+                        records.append({"framework": name, "task": task, "n_atoms": n, "error": error})
+                    else:
+                        tasks[f"{name} {task}"] = (w, task)
+                        meta[f"{name} {task}"] = (name, task)
+            timed = hygiene.interleave(tasks, None, rounds=args.rounds, round_s=args.round_s)
+        finally:
+            for w in workers.values():
+                w.close()
+        for label, (w, _) in tasks.items():
+            framework, task = meta[label]
+            rec = timed["labels"][label]
+            info = {k: v for k, v in w.info.items() if k in ("n_params", "compile_time_s", "flops", "threads", "pin")}
+            records.append(
+                {"framework": framework, "task": task, "n_atoms": n, "batch_size": 1 if "Hessian" in task else
+                 args.batch_size, **info, "step_time_s": rec["step_time_s"], "round_medians_s": rec["round_medians_s"],
+                 "steps_per_round": timed["steps"][label], "load_before": timed["load_before"],
+                 "load_after": timed["load_after"],
+                 "loaded": timed["load_before"]["loaded"] or timed["load_after"]["loaded"]}
+            )  # fmt: skip
+            print(f"{n:>4} atoms  {framework:<14} {task:<20} {1e3 * rec['step_time_s']:.1f} ms", flush=True)
         with open(args.out, "w") as f:
             json.dump(records, f, indent=2)
     print()
     print(table(records))
+    if any(r.get("loaded") for r in records):
+        print("\nWARNING: timed on a loaded machine (see load_before / load_after)")
     print(f"\nwrote {args.out}")
 
 
 def table(records: list[dict]) -> str:
-    """Markdown: per size and task, phljax and MACE times and phljax / MACE."""
+    """Markdown: per size and task, phljax and MACE times and phljax / MACE (median of per-round
+    ratios of one interleaved session, with its interquartile range)."""
     by = {(r["framework"], r["task"], r["n_atoms"]): r for r in records}
-    lines = [
-        "| atoms | task | phljax (ms) | MACE (ms) | phljax / MACE |",
-        "|---|---|---|---|---|",
-    ]
+    peers = [f for f in ("MACE", "MACE compiled") if any(r["framework"] == f for r in records)]
+    head = "| atoms | task | phljax (ms) | " + " | ".join(f"{f} (ms) | phljax / {f}" for f in peers) + " |"
+    lines = [head, "|---|---|---|" + "---|---|" * len(peers)]
     for n in sorted({r["n_atoms"] for r in records}):
         for task in TASKS:
-            a, b = by.get(("phljax", task, n), {}), by.get(("mace-torch", task, n), {})
-            ta, tb = a.get("step_time_s"), b.get("step_time_s")
-            fa = f"{1e3 * ta:.1f}" if ta else a.get("error", "")[:60]
-            fb = f"{1e3 * tb:.1f}" if tb else b.get("error", "")[:60]
-            ratio = f"{ta / tb:.3f}x" if ta and tb else ""
-            lines.append(f"| {n} | {task} | {fa} | {fb} | {ratio} |")
+            a = by.get(("phljax", task, n), {})
+            cells = [f"{1e3 * a['step_time_s']:.1f}" if "step_time_s" in a else a.get("error", "")[:60]]
+            for f in peers:
+                b = by.get((f, task, n), {})
+                if "step_time_s" not in b:
+                    cells += [b.get("error", "")[:60], ""]
+                    continue
+                r = training_cost.per_round_ratio(a, b) if "step_time_s" in a else None
+                ratio = f"{r['median']:.3f}x [{r['q25']:.3f}-{r['q75']:.3f}]" if r else ""
+                cells += [f"{1e3 * b['step_time_s']:.1f}", ratio]
+            lines.append(f"| {n} | {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

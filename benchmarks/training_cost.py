@@ -1,30 +1,34 @@
 """Cost of one jitted training step for E-F, E-F-HVP (one-hot / random, K = 1, 4) and E-F-H vs atoms.
 
     python benchmarks/training_cost.py --atoms 5 14 30 60 120 250 --out benchmarks/results/training_cost.json
-    python benchmarks/training_cost.py --atoms 14 --repeats 50 --out /tmp/14.json   # re-measure one size
+    python benchmarks/training_cost.py --atoms 14 --rounds 30 --out /tmp/14.json        # re-measure one size
     python benchmarks/training_cost.py --atoms 1000 --schemes E-F "E-F-HVP random K=1" --out big.json
     python benchmarks/training_cost.py --atoms 14 --flops-only --hessian-chunks 0 --out /tmp/flops.json  # no timing
 
-Each (scheme, size) runs in its own subprocess, so peak RSS is that configuration's alone and an
-out-of-memory failure (address space capped by --mem-limit-gb) is recorded, not fatal. Geometries
-are synthetic: C/H/N/O atoms packed in a sphere at 0.1 atoms/A^3 (organic-molecule density) with
+Timing follows benchmarks/hygiene.py: at each size every scheme (and each E-F-H chunk size in
+--hessian-chunks; the fastest is kept, every trial recorded) compiles in its own persistent worker
+process (its own peak RSS; an out-of-memory kill fails that scheme only), threads pinned to the
+same CPUs; then --rounds interleaved rounds time every scheme in turn, and each time ratio is the
+median of the per-round ratios to E-F with its interquartile range. The load average before and
+after is recorded (`hygiene.load_before/after`, `loaded` above 0.3 per core). Geometries are
+synthetic: C/H/N/O atoms packed in a sphere at 0.1 atoms/A^3 (organic-molecule density) with
 >= 1 A separations; labels are zeros (timings need no DFT). Up to --large atoms a step sees
 --batch-size molecules, beyond it one.
 
 E-F-H is given its best shot: one shared forward pass, the 3A Hessian columns of the whole batch as
-HVPs pushed through one linearisation, `chunk` columns at a time. Every chunk in --hessian-chunks
-(0 = all 3A columns in one vmap) is compiled and timed in its own subprocess and the fastest kept;
-its record lists every trial and the cost per Hessian column.
+HVPs pushed through one linearisation, `chunk` columns at a time (0 = all 3A in one vmap).
 
-Records (JSON list): scheme, n_atoms, num_probes, batch_size, step_time_s (median after warm-up),
-compile_time_s, n_compiles (traces of the step: 1 means one compilation served every step),
-peak_bytes (XLA memory analysis: arguments + outputs + temporaries), peak_rss_bytes, n_params,
-n_edges, flops and bytes_accessed (XLA's `cost_analysis()` of the compiled step: its arithmetic and
-memory traffic, which machine load cannot move); E-F-H adds hessian_chunk, hessian_columns,
-time_per_hessian_column_s, chunk_trials. Prints a table with the HVP/E-F, E-F-H/HVP and memory
-ratios, a FLOP table with the FLOP ratios beside the time ratios, and draws a PNG beside the JSON.
-`--flops-only` compiles and counts without timing (fast and load-independent); where the FLOPs go
-inside a step: benchmarks/flops.py.
+Records (JSON list): scheme, n_atoms, num_probes, batch_size, step_time_s (median over rounds of
+each round's median step), round_medians_s, ratio_to_ef (median, q25, q75, min, max of per-round
+ratios), compile_time_s (cold, unless --compile-cache), n_compiles (traces of the step: 1 means one
+compilation served every step), peak_bytes (XLA memory analysis: arguments + outputs +
+temporaries), peak_rss_bytes, n_params, n_edges, flops and bytes_accessed (XLA's `cost_analysis()`
+of the compiled step: its arithmetic and memory traffic, which machine load cannot move), hygiene
+(load, pinned CPUs); E-F-H adds hessian_chunk, hessian_columns, time_per_hessian_column_s,
+chunk_trials. Prints a table with the HVP/E-F, E-F-H/HVP and memory ratios, a FLOP table with the
+FLOP ratios beside the time ratios, and draws a PNG beside the JSON. `--flops-only` and
+`--compile-only` compile and count without timing (each scheme in its own process; fast and
+load-independent); where the FLOPs go inside a step: benchmarks/flops.py.
 """
 
 from __future__ import annotations
@@ -32,8 +36,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+from collections.abc import Callable
+
+import hygiene  # sibling module (python puts the script's folder on sys.path): interleaved timing
 
 SCHEMES = [  # (label, --probe, K)
     ("E-F", "none", 0),
@@ -189,19 +197,18 @@ def measure(
     num_probes: int,
     n_atoms: int,
     batch_size: int,
-    repeats: int,
-    time_budget: float,
     model_kwargs: dict,
     chunk: int | None,
-    compile_only: bool = False,
     remat: str = "none",
-) -> dict:
-    """Compile and time one train step with an AdamW update (in this process); `compile_only`:
-    compile and count (XLA memory and cost analysis), no timing. `remat`: see `compile_step`."""
-    import resource
+) -> tuple[dict, Callable[[], None], Callable[[], int]]:
+    """Compile one configuration's train step (AdamW update included) in this process.
 
+    Returns (record, step, traces): the record holds what needs no timing (XLA memory and cost
+    analysis, compile time, sizes); `step()` runs one step through `jax.jit` (so a retrace would
+    be counted) and blocks until it is done; `traces()` counts traces so far. `remat`: see
+    `compile_step`.
+    """
     import jax
-    import numpy as np
 
     compiled, jitted, state, batch, monitor, traces, info = compile_step(
         probe, num_probes, n_atoms, batch_size, model_kwargs, chunk, remat
@@ -221,45 +228,27 @@ def measure(
     if probe == "full":
         record["hessian_columns"] = 3 * n_atoms
         record["hessian_chunk"] = chunk or 3 * n_atoms
-    if compile_only:
-        return record
 
-    def one():
+    def step():
         nonlocal state
-        state, _ = jitted(state, batch, monitor)  # through jit, so a retrace would be counted
+        state, _ = jitted(state, batch, monitor)
         jax.block_until_ready(state)
 
-    first = time_calls(one, 1, 0.0)[0]  # warm-up (first call allocates)
-    if first < 2.0:
-        one()
-    times = time_calls(one, repeats, time_budget)
-    step_time = float(np.median(times))
-    record.update(
-        step_time_s=step_time,
-        step_times_s=[round(t, 6) for t in times],
-        first_step_s=first,
-        n_compiles=traces(),
-        peak_rss_bytes=int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-    )
-    if probe == "full":
-        record["time_per_hessian_column_s"] = step_time / (3 * n_atoms)
-    return record
+    return record, step, traces
 
 
-def _worker_cmd(probe: str, k: int, n: int, args, chunk: int = 0) -> list[str]:
+def _worker_cmd(probe: str, k: int, n: int, args, chunk: int = 0, mode: str = "--worker") -> list[str]:
+    """The command of a worker: `--worker` compiles and prints one record; `--serve` compiles and
+    then serves timed steps (`hygiene.serve`)."""
     return [
         sys.executable,
         os.path.abspath(__file__),
-        "--worker",
+        mode,
         probe,
         str(k),
         str(n),
         "--batch-size",
         str(batch_for(n, args)),
-        "--repeats",
-        str(args.repeats),
-        "--time-budget",
-        str(args.time_budget),
         "--channels",
         str(args.channels),
         "--lmax",
@@ -272,14 +261,22 @@ def _worker_cmd(probe: str, k: int, n: int, args, chunk: int = 0) -> list[str]:
         str(chunk),
         "--remat",
         args.remat,
-    ] + (["--compile-only"] if args.compile_only or args.flops_only else [])
+        "--compile-cache",
+        args.compile_cache,
+    ]
+
+
+def _env() -> dict[str, str]:
+    """A worker's environment: threads pinned to this process's CPUs, the repo importable."""
+    env = hygiene.pinned_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    return env
 
 
 def run_worker(cmd: list[str], timeout: float) -> dict:
-    """Run one worker subprocess; its last JSON line (a record or a list of them), or {'error': ...}."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    """Run one compile-only worker subprocess; its last JSON line, or {'error': ...}."""
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s"}
     lines = [line for line in out.stdout.splitlines() if line.startswith(("{", "["))]
@@ -293,33 +290,144 @@ def run_worker(cmd: list[str], timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def run_one(label: str, probe: str, k: int, n: int, args) -> dict:
-    """Measure one scheme at one size; for E-F-H, every chunk size in --hessian-chunks, keep the fastest."""
+def compile_one(label: str, probe: str, k: int, n: int, args) -> dict:
+    """Compile (no timing) one scheme at one size; E-F-H: every chunk in --hessian-chunks, the one
+    with the fewest FLOPs (--flops-only) or the least XLA memory kept."""
     head = {"scheme": label, "n_atoms": n, "num_probes": k, "batch_size": batch_for(n, args)}
     if probe != "full":
         return {**head, **run_worker(_worker_cmd(probe, k, n, args), args.timeout)}
-    trials = {}
-    for chunk in args.hessian_chunks:
-        chunk = chunk if 0 < chunk < 3 * n else 0
-        key = str(chunk or 3 * n)
-        if key in trials:
-            continue
-        trials[key] = run_worker(_worker_cmd(probe, k, n, args, chunk), args.timeout)
-        status = trials[key].get("error") or (
-            f"{trials[key]['step_time_s']:.3f} s" if "step_time_s" in trials[key] else _flops_text(trials[key])
-        )
-        print(f"        E-F-H chunk {key:>4}: {status}", flush=True)
+    trials = {str(c or 3 * n): run_worker(_worker_cmd(probe, k, n, args, c), args.timeout) for c in _chunks(n, args)}
     ok = {c: r for c, r in trials.items() if "error" not in r}
-    summary = {
-        c: {k: r[k] for k in ("step_time_s", "peak_bytes", "flops", "error") if k in r} for c, r in trials.items()
-    }
+    summary = {c: {k: r[k] for k in ("peak_bytes", "flops", "error") if k in r} for c, r in trials.items()}
     if not ok:
-        error = "; ".join(f"chunk {c}: {r['error']}" for c, r in trials.items())
-        return {**head, "error": error, "chunk_trials": summary}
-    # timed: the fastest chunk; --flops-only: the fewest FLOPs; --compile-only: the least memory
-    untimed = "flops" if args.flops_only else "peak_bytes"
-    best = min(ok, key=lambda c: ok[c].get("step_time_s", ok[c].get(untimed) or 0))
+        return {**head, "error": "; ".join(f"chunk {c}: {r['error']}" for c, r in trials.items())}
+    key = "flops" if args.flops_only else "peak_bytes"
+    best = min(ok, key=lambda c: ok[c].get(key) or 0)
     return {**head, **ok[best], "chunk_trials": summary}
+
+
+def _chunks(n: int, args) -> list[int]:
+    """The distinct E-F-H chunk sizes to try at n atoms (0: all 3n columns at once)."""
+    return sorted({c if 0 < c < 3 * n else 0 for c in args.hessian_chunks})
+
+
+def per_round_ratio(num: dict, den: dict, minus: dict | None = None, scale: float = 1.0) -> dict | None:
+    """Median and spread over rounds of (num - minus) / scale / den from records' `round_medians_s`
+    (one interleaved session, so round r of each was taken back to back); None if not comparable."""
+    rounds = [r.get("round_medians_s") for r in (num, den, minus or den)]
+    if any(not x for x in rounds) or len({len(x) for x in rounds}) != 1:
+        return None
+    a, b, c = rounds
+    ratios = [(x - (z if minus else 0.0)) / scale / y for x, y, z in zip(a, b, c, strict=True)]
+    return {
+        "median": statistics.median(ratios),
+        "q25": hygiene.quantile(ratios, 0.25),
+        "q75": hygiene.quantile(ratios, 0.75),
+        "min": min(ratios),
+        "max": max(ratios),
+        "rounds": len(ratios),
+    }
+
+
+def time_size(n: int, args, log=print) -> list[dict]:
+    """Every requested scheme at n atoms, timed interleaved (benchmarks/hygiene.py).
+
+    Each scheme (each E-F-H chunk size) compiles in its own persistent worker, one after another;
+    then the rounds run, E-F the reference. E-F-H's record is its fastest chunk, with every trial.
+    A worker that fails (out of memory, ...) gives an error record and the rest go on.
+    """
+    configs = []  # (label, scheme, probe, k, chunk)
+    for label, probe, k in SCHEMES:
+        if label in args.schemes:
+            chunks = _chunks(n, args) if probe == "full" else [0]
+            for c in chunks:
+                name = label if probe != "full" else f"E-F-H (chunk {c or 3 * n})"
+                configs.append((name, label, probe, k, c))
+    workers, records, failed = {}, {}, {}
+    try:
+        for name, _label, probe, k, c in configs:
+            load = hygiene.load_state()
+            try:
+                w = hygiene.Worker(_worker_cmd(probe, k, n, args, c, mode="--serve"), env=_env())
+            except hygiene.WorkerError as e:
+                failed[name] = str(e)
+                log(f"{n:>5} atoms  {name:<22} failed: {e}")
+                continue
+            workers[name] = w
+            records[name] = {**w.info, "compile_load": load}
+            log(f"{n:>5} atoms  {name:<22} compiled in {w.info['compile_time_s']:.1f} s, {_flops_text(w.info)}")
+        base = "E-F" if "E-F" in workers else None
+        timed = hygiene.interleave(
+            {name: (w, "step") for name, w in workers.items()},
+            base,
+            rounds=args.rounds,
+            round_s=args.round_s,
+            max_steps=args.max_steps,
+            log=log,
+        )
+        for name, w in workers.items():
+            rec = timed["labels"][name]
+            records[name].update(
+                step_time_s=rec["step_time_s"],
+                round_medians_s=rec["round_medians_s"],
+                steps_per_round=timed["steps"][name],
+                peak_rss_bytes=w.peak_rss_bytes,
+                n_compiles=w.status.get("traces"),
+                hygiene={k: timed[k] for k in ("load_before", "load_after", "rounds", "round_s")}
+                | {"pin": w.info["pin"]},
+            )
+            records[name]["loaded"] = timed["load_before"]["loaded"] or timed["load_after"]["loaded"]
+            if "ratio" in rec:
+                records[name]["ratio_to_ef"] = rec["ratio"]
+    finally:
+        for w in workers.values():
+            w.close()
+    out = []
+    for label, probe, k in SCHEMES:
+        if label not in args.schemes:
+            continue
+        head = {"scheme": label, "n_atoms": n, "num_probes": k, "batch_size": batch_for(n, args)}
+        names = [c[0] for c in configs if c[1] == label]
+        ok = [x for x in names if x in records]
+        if not ok:
+            out.append({**head, "error": "; ".join(failed[x] for x in names)})
+            continue
+        best = min(ok, key=lambda x: records[x]["step_time_s"])
+        rec = {**head, **records[best]}
+        if probe == "full":
+            rec["time_per_hessian_column_s"] = rec["step_time_s"] / (3 * n)
+            rec["chunk_trials"] = {
+                x: ({"step_time_s": records[x]["step_time_s"], "peak_bytes": records[x]["peak_bytes"]}
+                    if x in records else {"error": failed[x]})
+                for x in names
+            }  # fmt: skip
+        out.append(rec)
+    return out
+
+
+def _save(records: list[dict], path: str) -> None:
+    """Write what is measured so far (a kill keeps it)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _ratio_text(r: dict | None) -> str:
+    """The interleaved time ratio to E-F, '2.31x [2.20-2.40]' (median of per-round ratios, IQR)."""
+    ratio = (r or {}).get("ratio_to_ef")
+    return f"{ratio['median']:.2f}x [{ratio['q25']:.2f}-{ratio['q75']:.2f}]" if ratio else ""
+
+
+def _time_ratio(num: dict | None, den: dict | None, minus: dict | None = None, scale: float = 1.0, digits=2) -> str:
+    """(num - minus) / scale / den in step time: the median of per-round ratios with its IQR when the
+    records come from one interleaved session, else the ratio of medians (older records)."""
+    if not (_ok(num) and _ok(den) and (minus is None or _ok(minus))):
+        return ""
+    r = per_round_ratio(num, den, minus, scale)
+    if r is not None:
+        return f"{r['median']:.{digits}f}x [{r['q25']:.{digits}f}-{r['q75']:.{digits}f}]"
+    sub = minus["step_time_s"] if minus else 0.0
+    return f"{(num['step_time_s'] - sub) / scale / den['step_time_s']:.{digits}f}x"
 
 
 def batch_for(n: int, args) -> int:
@@ -357,8 +465,8 @@ def table(records: list[dict]) -> str:
                 lines.append(f"| {n} | {r['batch_size']} | {label} | | {compile_s} | | {peak} | | | {mem_ratio} | |")
                 continue
             t = r["step_time_s"]
-            vs_ef = f"{t / ef['step_time_s']:.2f}x" if _ok(ef) else ""
-            vs_full = f"{full['step_time_s'] / t:.1f}x" if _ok(full) else ""
+            vs_ef = _time_ratio(r, ef)
+            vs_full = _time_ratio(full, r, digits=1)
             name = label + (f" (chunk {r['hessian_chunk']})" if "hessian_chunk" in r else "")
             lines.append(
                 f"| {n} | {r['batch_size']} | {name} | {1e3 * t:.1f} | {r['compile_time_s']:.1f} | {r['n_compiles']} "
@@ -409,7 +517,7 @@ def flop_table(records: list[dict]) -> str:
             if r is None or "error" in r:
                 continue
             flops, nbytes = r.get("flops"), r.get("bytes_accessed")
-            time_ratio = _ratio(r.get("step_time_s"), ef.get("step_time_s")) if _ok(r) and _ok(ef) else ""
+            time_ratio = _time_ratio(r, ef)
             name = label + (f" (chunk {r['hessian_chunk']})" if "hessian_chunk" in r else "")
             lines.append(
                 f"| {n} | {r['batch_size']} | {name} | {'' if flops is None else f'{flops / 1e9:.3f}'} "
@@ -431,7 +539,7 @@ def flop_ratios(records: list[dict]) -> str:
     """The headline ratios, FLOPs beside time: HVP K=1 / E-F, the marginal probe ((K=4 - K=1) / 3) / E-F
     and E-F-H / E-F, for each probe kind and size that has the records."""
     by = {(r["scheme"], r["n_atoms"]): r for r in records if "error" not in r}
-    lines = ["| atoms | ratio | FLOPs | time |", "|---|---|---|---|"]
+    lines = ["| atoms | ratio | FLOPs | time (median of rounds [IQR]) |", "|---|---|---|---|"]
     for n in sorted({r["n_atoms"] for r in records}):
         ef = by.get(("E-F", n))
         if not ef:
@@ -439,17 +547,15 @@ def flop_ratios(records: list[dict]) -> str:
         for kind in ("random", "one-hot"):
             h1, h4 = by.get((f"E-F-HVP {kind} K=1", n)), by.get((f"E-F-HVP {kind} K=4", n))
             if h1:
-                lines.append(
-                    f"| {n} | HVP {kind} K=1 / E-F | {_vs_ef('flops', h1, ef)} | {_vs_ef('step_time_s', h1, ef)} |"
-                )
+                lines.append(f"| {n} | HVP {kind} K=1 / E-F | {_vs_ef('flops', h1, ef)} | {_time_ratio(h1, ef)} |")
             if h1 and h4:
                 lines.append(
                     f"| {n} | marginal {kind} probe: (K=4 - K=1) / 3 / E-F | {_vs_ef('flops', h4, ef, h1)} "
-                    f"| {_vs_ef('step_time_s', h4, ef, h1)} |"
+                    f"| {_time_ratio(h4, ef, h1, 3.0)} |"
                 )
         full = by.get(("E-F-H", n))
         if full:
-            lines.append(f"| {n} | E-F-H / E-F | {_vs_ef('flops', full, ef)} | {_vs_ef('step_time_s', full, ef)} |")
+            lines.append(f"| {n} | E-F-H / E-F | {_vs_ef('flops', full, ef)} | {_time_ratio(full, ef, digits=1)} |")
     return "\n".join(lines)
 
 
@@ -513,8 +619,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results/training_cost.json")
     p.add_argument("--batch-size", type=int, default=8, help="molecules per step up to --large atoms")
     p.add_argument("--large", type=int, default=100, help="beyond this many atoms, one molecule per step")
-    p.add_argument("--repeats", type=int, default=20, help="timed steps (median reported)")
-    p.add_argument("--time-budget", type=float, default=30.0, help="stop timing a configuration after this (s)")
+    p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds (benchmarks/hygiene.py)")
+    p.add_argument("--round-s", type=float, default=0.6, help="seconds of steps per scheme and round (>= 1 step)")
+    p.add_argument("--max-steps", type=int, default=10, help="at most this many steps per scheme and round")
+    p.add_argument(
+        "--compile-cache",
+        default="off",
+        help="JAX persistent compilation cache for the workers: off (default: compile times are real) or DIR",
+    )
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--lmax", type=int, default=2)
     p.add_argument("--num-layers", type=int, default=2)
@@ -536,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     p.add_argument("--from-json", nargs="+", metavar="FILE", help="merge these results (no measuring): table, plot")
     p.add_argument("--worker", nargs=3, metavar=("PROBE", "K", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", nargs=3, metavar=("PROBE", "K", "N"), help=argparse.SUPPRESS)
     return p
 
 
@@ -556,27 +669,27 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"unknown schemes {sorted(unknown)}; choose from {[s[0] for s in SCHEMES]}")
 
-    if args.worker:
+    if args.worker or args.serve:
         import resource
 
         if args.mem_limit_gb > 0:  # 0 on a GPU: CUDA reserves far more address space than it uses
             limit = int(args.mem_limit_gb * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        probe, k, n = args.worker[0], int(args.worker[1]), int(args.worker[2])
+        pinned = hygiene.pin()
+        if args.compile_cache != "off":
+            from phljax.compile_cache import enable
+
+            enable(args.compile_cache)
+        probe, k, n = args.worker or args.serve
         model_kwargs = {"channels": args.channels, "lmax": args.lmax, "num_layers": args.num_layers}
-        record = measure(
-            probe,
-            k,
-            n,
-            args.batch_size,
-            args.repeats,
-            args.time_budget,
-            model_kwargs,
-            args.hessian_chunks[0] or None,
-            args.compile_only or args.flops_only,
-            args.remat,
+        record, step, traces = measure(
+            probe, int(k), int(n), args.batch_size, model_kwargs, args.hessian_chunks[0] or None, args.remat
         )
-        print(json.dumps(record))
+        record["compile_cache"] = args.compile_cache
+        if args.worker:
+            print(json.dumps(record))
+        else:
+            hygiene.serve({"step": step}, {**record, "pin": pinned}, status=lambda: {"traces": traces()})
         return
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -585,22 +698,20 @@ def main(argv=None) -> None:
         with open(path) as f:
             records += json.load(f)
     for n in [] if args.from_json else args.atoms:
-        for label, probe, k in SCHEMES:
-            if label not in args.schemes:
-                continue
-            r = run_one(label, probe, k, n, args)
+        if args.compile_only or args.flops_only:
+            for label, probe, k in SCHEMES:
+                if label in args.schemes:
+                    r = compile_one(label, probe, k, n, args)
+                    records.append(r)
+                    print(f"{n:>5} atoms  {label:<22} {r.get('error') or 'compiled, ' + _flops_text(r)}", flush=True)
+                    _save(records, args.out)
+            continue
+        for r in time_size(n, args, log=lambda m: print(m, flush=True)):
             records.append(r)
-            if "error" in r:
-                status = r["error"]
-            elif "step_time_s" in r:
-                status = f"{1e3 * r['step_time_s']:.2f} ms, compile {r['compile_time_s']:.1f} s, {_flops_text(r)}"
-            else:
-                status = f"compiled, {_flops_text(r)}"
-            print(f"{n:>5} atoms  {label:<22} {status}", flush=True)
-            with open(args.out, "w") as f:  # keep what is measured so far
-                json.dump(records, f, indent=2)
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=2)
+            status = r.get("error") or f"{1e3 * r['step_time_s']:.2f} ms, {_ratio_text(r)} E-F"
+            print(f"{n:>5} atoms  {r['scheme']:<22} {status}", flush=True)
+        _save(records, args.out)
+    _save(records, args.out)
     if args.flops_only:
         print()
         print(flop_table(records))
@@ -619,6 +730,9 @@ def main(argv=None) -> None:
     print(flop_table(records))
     print()
     print(flop_ratios(records))
+    loaded = [r for r in records if r.get("loaded")]
+    if loaded:
+        print(f"\nWARNING: {len(loaded)} of {len(records)} records were timed on a loaded machine (see 'hygiene')")
     print(f"\nwrote {args.out} and {os.path.splitext(args.out)[0]}.png")
 
 

@@ -338,9 +338,9 @@ def test_aggregate_statistics(fabricated):
 
 
 def test_paired_edge_cases():
-    assert st._paired({0: 1.0}, {0: 2.0})["p_value"] is None  # n = 1
-    assert st._paired({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})["p_value"] is None  # no spread: NaN -> None
-    assert st._paired({0: 1.0}, {1: 2.0}) == {
+    assert st.stats._paired({0: 1.0}, {0: 2.0})["p_value"] is None  # n = 1
+    assert st.stats._paired({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})["p_value"] is None  # no spread: NaN -> None
+    assert st.stats._paired({0: 1.0}, {1: 2.0}) == {
         "n": 0,
         "seeds": [],
         "mean_diff": None,
@@ -529,7 +529,7 @@ def test_a_killed_study_resumes_without_redoing_or_doubling_anything(tmp_path):
     job = study(killed, tmp_path / "killed.log")
     try:
         deadline = time.monotonic() + 900
-        while not (os.path.exists(first / "results.json") and len(st._metrics(str(second))) >= 1):
+        while not (os.path.exists(first / "results.json") and len(st.cell_metrics(str(second))) >= 1):
             assert job.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the second cell did not start"
             time.sleep(0.02)
@@ -579,3 +579,35 @@ def test_a_killed_study_resumes_without_redoing_or_doubling_anything(tmp_path):
     a, b = without_times(st.aggregate(str(killed))), without_times(st.aggregate(str(straight)))
     assert a["protocols"]["random"]["cells"]["ef"]["seeds"] == [0, 1]
     same(a, b)
+
+
+def test_time_to_target_takes_the_loosest_curvature_run_and_counts_training_time(tmp_path):
+    """Target = the loosest best validation Hessian RMSE of any curvature run; each run's time is its
+    cumulative training time to the first epoch at or below it; E-F (never there) counts 0 of n."""
+
+    def cell(name, hessian, epoch_time):
+        workdir = tmp_path / "extrapolate" / name
+        workdir.mkdir(parents=True)
+        (workdir / "results.json").write_text("{}")
+        lines = [
+            {"epoch": i + 1, "epoch_time_s": epoch_time, **({"val_hessian_rmse": h * KCAL_MOL} if h else {})}
+            for i, h in enumerate(hessian)
+        ]
+        (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+    cell("ef-s0", [300, None, 290, None], 0.1)
+    cell("efhvp-random-randomized-s0", [200, None, 60, None, 50], 0.5)  # best 50
+    cell("efhvp-random-randomized-s1", [200, None, 70, None, 65], 0.5)  # best 65: the target
+    cell("efh-s0", [100, 40, 30], 10.0)
+    cell("efh-s1", [90, 64, 20], 12.0)
+    ttt = st.stats.time_to_target(str(tmp_path), "extrapolate")
+    assert ttt["target"] == pytest.approx(65.0)
+    cells = ttt["cells"]
+    assert (cells["ef"]["reached"], cells["ef"]["runs"], cells["ef"]["epochs"]) == (0, 1, None)
+    rand = cells["efhvp-random-randomized"]
+    assert rand["reached"] == 2 and rand["epochs"]["values"] == [3.0, 5.0]
+    assert rand["train_time_s"]["values"] == pytest.approx([1.5, 2.5])
+    assert cells["efh"]["train_time_s"]["values"] == pytest.approx([20.0, 24.0])  # epoch 2 of each
+    ratio = ttt["efh_over_hvp_epoch_time"]["efhvp-random-randomized"]  # median epoch times, paired seeds
+    assert ratio["values"] == pytest.approx([20.0, 24.0])
+    assert "Time to a validation Hessian RMSE of 65" in st.render_tables(st.aggregate(str(tmp_path)), min_seeds=1)

@@ -258,8 +258,16 @@ def test_a_second_run_loads_its_programs_from_the_compile_cache(h5_path, tmp_pat
                "--compile-cache", str(cache)]  # fmt: skip
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return sorted(os.listdir(cache))
+        with open(tmp_path / name / "results.json") as f:
+            startup = json.load(f)["startup"]  # what the process compiled before its test evaluation
+        assert startup["first_step_s"] > 0 and startup["programs"] >= 2, startup
+        assert "compile or load" in proc.stdout
+        return sorted(os.listdir(cache)), startup
 
-    first = run("first")
+    first, cold = run("first")
     assert len(first) >= 2  # at least the train and evaluation steps
-    assert run("second") == first
+    second, warm = run("second")
+    assert second == first
+    # the same programs, every one loaded instead of compiled (a cold run already hits the cache for
+    # small programs it compiles twice under different names)
+    assert warm["programs"] == cold["programs"] == warm["from_cache"] > cold["from_cache"]

@@ -274,6 +274,7 @@ def train(config: Config, run: Run | None = None) -> dict:
     Writes `<workdir>/config.json`, `model.json`, `metrics.jsonl` (one line per epoch), checkpoints
     and `results.json`; returns the results dict and prints the results table.
     """
+    started, compiles = time.perf_counter(), compile_cache.CompileLog()
     run = run or prepare(config)
     _check_workdir(config)
     if distributed.is_main_process():
@@ -315,7 +316,7 @@ def train(config: Config, run: Run | None = None) -> dict:
         disable=not config.progress or not distributed.is_main_process(),
         desc=SCHEMES[config.probe],
     )
-    stopped = "epochs"
+    stopped, first_step_s = "epochs", None
     for epoch in epochs:
         reason = _stop_reason(config, bad, learning_rate_scale(state.opt_state))
         if reason:
@@ -327,6 +328,9 @@ def train(config: Config, run: Run | None = None) -> dict:
         n = 0  # steps whose loss was finite (a skipped step's metrics are NaN: left out of the means)
         for batch in split_batches(run, "train", shuffle_seed=seeds.shuffle_seed(config.seed, epoch)):
             state, m = train_step(state, batch, jnp.asarray(monitor, run.dtype))
+            if first_step_s is None:  # the user's first wait: start to the first finished step (one sync)
+                jax.block_until_ready(m["loss"])
+                first_step_s = time.perf_counter() - started
             finite = jnp.isfinite(m["loss"])
             for k, v in m.items():
                 sums[k] += jnp.where(finite, v, 0.0)  # on the device: no sync per step
@@ -389,7 +393,8 @@ def train(config: Config, run: Run | None = None) -> dict:
     best = ckpt.restore_best(record)
     ckpt.close()
     params = put(best["state"]["params"]) if best is not None else state.params  # replicated, as in training:
-    return _finish(config, run, eval_step, params, stopped)  # the eval step traced for validation serves
+    startup = {"first_step_s": first_step_s, **compiles.summary()}  # summary before the test evaluation
+    return _finish(config, run, eval_step, params, stopped, startup)  # the eval step traced for validation serves
 
 
 def _stop_reason(config: Config, bad: int, lr_scale: float) -> str | None:
@@ -427,7 +432,7 @@ def _epoch_times(workdir: str) -> list[float]:
         return [json.loads(line)["epoch_time_s"] for line in f if line.strip()]
 
 
-def _finish(config: Config, run: Run, eval_step, params, stopped: str) -> dict:
+def _finish(config: Config, run: Run, eval_step, params, stopped: str, startup: dict) -> dict:
     subsets = test_subsets(run.subset("test"), "test")
     potential = Potential(run.model, jax.device_get(params), config=config, spec=run.model_spec)
     errors = {
@@ -449,10 +454,18 @@ def _finish(config: Config, run: Run, eval_step, params, stopped: str) -> dict:
         "mean_epoch_time_s": float(np.mean(steady)) if steady else None,
         "first_epoch_time_s": times[0] if times else None,
         "n_molecules": {k: len(v) for k, v in run.splits.items()},
+        # this process: seconds from train() to its first finished step, XLA programs compiled (or
+        # loaded from the compile cache) up to the test evaluation, by function
+        "startup": startup,
     }
     if distributed.is_main_process():
         with open(os.path.join(config.workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         print(f"\n{results['scheme']} ({results['epochs_run']} epochs, {results['n_molecules']})")
         print(format_table(errors, results["mean_epoch_time_s"]))
+        if startup["first_step_s"] is not None:
+            print(
+                f"first training step after {startup['first_step_s']:.1f} s; {startup['programs']} XLA programs "
+                f"({startup['from_cache']} from the compile cache) took {startup['seconds']:.1f} s to compile or load"
+            )
     return results

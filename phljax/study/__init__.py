@@ -1,0 +1,74 @@
+"""The PHL study: a grid of training runs (protocol x scheme x probe regime x seed), run resumably,
+and its aggregation into the paper's tables with paired statistics over seeds.
+
+The question it answers: do E-F-HVP schemes match full-Hessian E-F-H training, and do random
+probes beat one-hot ones? One cell is one `phljax.train.train` run; seed s sets both the
+initialisation (and probes) and the split, so the schemes of one seed are paired.
+
+    grid.py    cells, protocols, each cell's config, the study's settings and a cell's files
+    runner.py  run_study (priority order, locks, STOP), status and its ETA
+    stats.py   aggregate (stats over seeds, paired t-tests), tables, learning curves, time to target
+"""
+
+from phljax.losses import SCHEMES
+from phljax.study.grid import (
+    EXECUTION_FIELDS,
+    FAILED,
+    HVP_PROBES,
+    LOCK,
+    OWNED_FIELDS,
+    PROTOCOLS,
+    QUANTITIES,
+    REGIMES,
+    SCHEME_SLUGS,
+    STOP,
+    STUDY_JSON,
+    SUBSETS,
+    UNITS,
+    Cell,
+    Study,
+    cell_config,
+    cell_metrics,
+    cell_results,
+    dataset_reactions,
+    open_study,
+    protocol_config,
+    reaction_folds,
+)  # fmt: skip
+from phljax.study.runner import CellStatus, acquire_lock, format_status, release_lock, run_study, status
+from phljax.study.stats import aggregate, comparison_pairs, learning_curves, render_tables
+from phljax.train import train
+from phljax.units import KCAL_MOL
+
+__all__ = [
+    "HVP_PROBES",
+    "UNITS",
+    "STOP",
+    "LOCK",
+    "FAILED",
+    "STUDY_JSON",
+    "OWNED_FIELDS",
+    "EXECUTION_FIELDS",
+    "cell_metrics",
+    "cell_results",
+    "SCHEME_SLUGS",
+    "REGIMES",
+    "PROTOCOLS",
+    "SUBSETS",
+    "QUANTITIES",
+    "Cell",
+    "Study",
+    "CellStatus",
+    "protocol_config",
+    "reaction_folds",
+    "dataset_reactions",
+    "cell_config",
+    "open_study",
+    "acquire_lock",
+    "release_lock",
+    "run_study",
+    "status",
+    "format_status",
+    "comparison_pairs",
+    "learning_curves",
+]
