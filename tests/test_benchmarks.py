@@ -141,3 +141,102 @@ def test_schedule_part_reads_the_name_stack():
         "optimizer (clip, AdamW, plateau)"
     )
     assert part("") == "unattributed (no metadata)"
+
+
+def _peer_record(framework, task, ms, ratio_same, ratio_ef, flops=2e8):
+    """A peer_jax record with per-round ratios [median - 0.1, median + 0.1] interquartile."""
+
+    def ratio(m):
+        return {"median": m, "q25": m - 0.1, "q75": m + 0.1, "min": m - 0.2, "max": m + 0.2, "rounds": 3}
+
+    return {"framework": framework, "task": task, "n_atoms": 12, "batch_size": 8, "n_params": 16000,
+            "step_time_s": ms / 1e3, "compile_time_s": 20.0, "flops": flops,
+            "ratio_to_phljax_same_task": ratio(ratio_same), "ratio_to_phljax_ef": ratio(ratio_ef)}  # fmt: skip
+
+
+def test_peer_jax_table_and_summary_on_synthetic_records():
+    pj = load_script("benchmarks", "peer_jax")
+    records = [
+        _peer_record("phljax", "E-F", 30.0, 1.0, 1.0),
+        _peer_record("mlip-nequip", "E-F", 60.0, 2.0, 2.0, flops=4e8),
+        _peer_record("nequix", "E-F", 15.0, 0.5, 0.5),
+        _peer_record("phljax", "E-F-HVP K=1", 90.0, 1.0, 3.0, flops=6e8),
+        _peer_record("mlip-nequip", "E-F-HVP K=1", 270.0, 3.0, 9.0, flops=6e8),
+        {"framework": "mlip-mace", "task": "E-F-HVP K=1", "n_atoms": 12, "error": "exit code 1: boom"},
+    ]
+    text = pj.table(records)
+    # ms, GFLOP, compile s, time / phljax at the same task [IQR], FLOPs / phljax, time / phljax E-F [IQR]
+    assert "| E-F | mlip-nequip | 16000 | 60.0 | 0.400 | 20.0 | 2.00x [1.90-2.10] | 2.00x | 2.00x [1.90-2.10] |" in text
+    assert "| 12 | E-F-HVP K=1 | mlip-nequip | 16000 | 270.0 | 0.600 | 20.0 | 3.00x [2.90-3.10] | 1.00x |" in text
+    assert "| 12 | E-F-HVP K=1 | mlip-mace | failed: exit code 1: boom |" in text
+    assert text.index("| 12 | E-F | phljax") < text.index("| 12 | E-F-HVP K=1 | phljax")  # tasks in order
+    lines = pj.summary(records)
+    assert lines[0] == "12 atoms, E-F: fastest nequix; slower: phljax 2.00x, mlip-nequip 4.00x"
+    assert lines[1] == "12 atoms, E-F-HVP K=1: fastest phljax; slower: mlip-nequip 3.00x"
+
+
+def test_peer_jax_ratio_between_uses_rounds_of_one_session():
+    pj = load_script("benchmarks", "peer_jax")
+    r = pj.ratio_between({"round_medians_s": [2.0, 3.0, 8.0]}, {"round_medians_s": [1.0, 1.0, 2.0]})
+    assert (r["median"], r["min"], r["max"], r["rounds"]) == (3.0, 2.0, 4.0, 3)
+    assert pj.ratio_between({"round_medians_s": [1.0]}, {"round_medians_s": [1.0, 2.0]}) is None
+
+
+_TRIVIAL_WORKER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import hygiene
+import numpy as np
+pinned = hygiene.pin()
+a = np.ones((int(sys.argv[2]), int(sys.argv[2])))
+hygiene.serve({"step": lambda: a @ a, "other": lambda: a.sum()}, {"n": int(sys.argv[2]), "pin": pinned})
+"""
+
+
+def test_hygiene_workers_serve_and_interleave_end_to_end():
+    """The protocol and the structure of interleave's result with two trivial numpy workers (no
+    assertion on timings)."""
+    import os
+    import sys
+
+    hygiene = load_script("benchmarks", "hygiene")
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    env = hygiene.pinned_env()
+    small = hygiene.Worker([sys.executable, "-c", _TRIVIAL_WORKER, bench, "8"], env=env)
+    big = hygiene.Worker([sys.executable, "-c", _TRIVIAL_WORKER, bench, "64"], env=env)
+    try:
+        assert small.info["n"] == 8 and big.info["n"] == 64  # the worker's info comes back as sent
+        assert small.info["pin"]["cpus"] == hygiene.cpus()  # pinned to the driver's CPUs
+        assert small.info["pin"]["omp_num_threads"] == str(len(hygiene.cpus()))
+        times = small.run("other", 3)
+        assert len(times) == 3 and all(t >= 0 for t in times) and small.peak_rss_bytes > 0
+        logged = []
+        out = hygiene.interleave(
+            {"small": (small, "step"), "big": (big, "step"), "small other": (small, "other")},
+            "small",
+            rounds=3,
+            round_s=0.001,
+            max_steps=2,
+            log=logged.append,
+        )
+    finally:
+        small.close()
+        big.close()
+    assert set(out) >= {"labels", "steps", "load_before", "load_after", "rounds", "round_s"}
+    assert set(out["labels"]) == {"small", "big", "small other"} and out["rounds"] == 3 and len(logged) == 3
+    assert all(1 <= s <= 2 for s in out["steps"].values())
+    for rec in out["labels"].values():
+        assert len(rec["round_medians_s"]) == 3 and rec["step_time_s"] >= 0
+        assert rec["ratio"]["to"] == "small" and rec["ratio"]["rounds"] == 3
+        assert rec["ratio"]["min"] <= rec["ratio"]["q25"] <= rec["ratio"]["median"] <= rec["ratio"]["q75"]
+    assert out["labels"]["small"]["ratio"]["median"] == 1.0
+    assert set(out["load_before"]) == {"load_1m", "load_5m", "cores", "loaded"}
+    assert "round 1/3: small 1.00x" in logged[0]  # each round logs every label's ratio to the base
+
+
+def test_hygiene_worker_that_dies_raises_with_its_stderr():
+    import sys
+
+    hygiene = load_script("benchmarks", "hygiene")
+    with pytest.raises(hygiene.WorkerError, match=r"exit code 3: .*no model here"):
+        hygiene.Worker([sys.executable, "-c", "import sys; sys.stderr.write('no model here\\n'); sys.exit(3)"])
