@@ -8,7 +8,9 @@ out-of-memory failure kills one worker, not the benchmark), all of them are comp
 then the driver runs round after round in which every worker in turn times a few steps while the
 others wait blocked on a pipe (using no CPU). Drift hits every configuration alike; a ratio is the
 median of the per-round ratios, reported with its spread. Before and after each phase the 1-minute
-load average is recorded and the record marked `loaded` when it exceeds LOADED_PER_CORE per core.
+load average is recorded; the record is marked `loaded` when processes other than the benchmark's
+used more than FOREIGN_PER_CORE per core during the timed rounds (`ForeignCpu`: the load average
+counts the benchmark's own compiling and timing, ~1 per core by itself).
 
 Worker side:  `serve({"step": fn, ...}, info)` (fn() runs one call and blocks until it is done).
 Driver side:  `Worker(cmd)` starts one and waits for its `info`; `interleave({label: (worker,
@@ -26,7 +28,8 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-LOADED_PER_CORE = 0.3  # 1-minute load average per core above which a phase is marked loaded
+LOADED_PER_CORE = 0.3  # 1-minute load average per core above which the machine counts as busy
+FOREIGN_PER_CORE = 0.05  # CPU used by other processes during a phase, per core, above which it is `loaded`
 
 
 def cpus() -> list[int]:
@@ -44,6 +47,54 @@ def load_state() -> dict:
         "cores": cores,
         "loaded": one / cores > LOADED_PER_CORE,
     }
+
+
+def _busy_jiffies() -> int:
+    """CPU time (clock ticks) all processes have used since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def _process_jiffies(pids: Sequence[int]) -> int:
+    """CPU time (clock ticks: utime + stime) the processes `pids` have used, from /proc/<pid>/stat."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+class ForeignCpu:
+    """CPU that processes other than `pids` use between `__init__` and `stop()`.
+
+    The load average cannot tell a benchmark's own work from another job's (a run that has just
+    compiled, or one worker timing on both cores, has a load of ~2 on 2 cores by itself), so a
+    phase is judged by what everything else used meanwhile: /proc/stat's busy time minus the
+    benchmark's processes' own. `stop()` -> {"foreign_cores", "own_cores", "wall_s", "loaded"},
+    loaded when the foreign CPU exceeds FOREIGN_PER_CORE per core.
+    """
+
+    def __init__(self, pids: Sequence[int]):
+        self.pids = list(pids)
+        self.t0, self.busy0, self.own0 = time.monotonic(), _busy_jiffies(), _process_jiffies(self.pids)
+
+    def stop(self) -> dict:
+        wall = time.monotonic() - self.t0
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (_busy_jiffies() - self.busy0) / tick
+        own = (_process_jiffies(self.pids) - self.own0) / tick
+        foreign = max(busy - own, 0.0) / max(wall, 1e-9)
+        return {
+            "foreign_cores": round(foreign, 3),
+            "own_cores": round(own / max(wall, 1e-9), 3),
+            "wall_s": round(wall, 1),
+            "loaded": foreign > FOREIGN_PER_CORE * len(cpus()),
+        }
 
 
 def pinned_env(cores: Sequence[int] | None = None, env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -197,16 +248,21 @@ def interleave(
 ) -> dict:
     """Time every (worker, task) in `tasks` in interleaved rounds; ratios against `base`.
 
-    Each label first runs `warmup` untimed steps (the first calls allocate) and one step to size
-    its rounds: `steps = clip(round_s / step, 1, max_steps)`. Round r visits the labels in an order
+    Each label first runs `warmup` untimed steps (the first calls allocate; one when that call
+    takes over 5 round_s) and one step to size its rounds: `steps = clip(round_s / step, 1,
+    max_steps)`. Round r visits the labels in an order
     rotated by r, so none is always first after a pause. Returns {"labels": summarize(...),
-    "steps": per-label steps per round, "load_before", "load_after", "rounds", "round_s"}.
+    "steps": per-label steps per round, "load_before", "load_after", "foreign_cpu" (`ForeignCpu`),
+    "loaded", "rounds", "round_s"}.
     """
     before = load_state()
+    meter = ForeignCpu([os.getpid(), *{w.proc.pid for w, _ in tasks.values()}])
     steps = {}
     for label, (worker, task) in tasks.items():
-        worker.run(task, warmup)
         (probe,) = worker.run(task, 1)
+        if probe < 5 * round_s:  # a slow task (seconds per call) is warm after one call
+            worker.run(task, warmup - 1)
+            (probe,) = worker.run(task, 1)
         steps[label] = max(1, min(max_steps, round(round_s / max(probe, 1e-9))))
     labels = list(tasks)
     per_round: dict[str, list[float]] = {label: [] for label in labels}
@@ -219,11 +275,14 @@ def interleave(
             log(f"      round {r + 1}/{rounds}: " + ", ".join(f"{k} {per_round[k][-1] / b:.2f}x" for k in labels))
         else:
             log(f"      round {r + 1}/{rounds}: " + ", ".join(f"{k} {1e3 * per_round[k][-1]:.1f} ms" for k in labels))
+    foreign = meter.stop()
     return {
         "labels": summarize(per_round, base),
         "steps": steps,
         "load_before": before,
         "load_after": load_state(),
+        "foreign_cpu": foreign,
+        "loaded": foreign["loaded"],
         "rounds": rounds,
         "round_s": round_s,
     }

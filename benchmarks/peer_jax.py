@@ -591,8 +591,9 @@ def race_size(n: int, args, log=print) -> list[dict]:
                      "step_time_s": rec["step_time_s"], "round_medians_s": rec["round_medians_s"],
                      "steps_per_round": timed["steps"][label], "peak_rss_bytes": w.peak_rss_bytes,
                      "ratio_to_phljax_ef": rec.get("ratio"),
-                     "loaded": timed["load_before"]["loaded"] or timed["load_after"]["loaded"],
+                     "loaded": timed["loaded"],
                      "hygiene": {"load_before": timed["load_before"], "load_after": timed["load_after"],
+                                 "foreign_cpu": timed["foreign_cpu"],
                                  "compile_load": compile_load, "rounds": timed["rounds"],
                                  "round_s": timed["round_s"], "pin": w.info.get("pin")}}  # fmt: skip
                 records.append(r)

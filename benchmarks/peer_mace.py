@@ -87,7 +87,9 @@ def mace_batch(molecules, cutoff: float):
     return next(iter(loader))
 
 
-def serve_mace(n_atoms: int, batch_size: int, device: str = "cpu", compile_mode: str = "eager") -> None:
+def serve_mace(
+    n_atoms: int, batch_size: int, device: str = "cpu", compile_mode: str = "eager", only: tuple[str, ...] = TASKS
+) -> None:
     """Serve MACE's three training steps and its Hessian inference at one size (`hygiene.serve`),
     on a torch `device` ("cpu" or "cuda"; every timed call ends with a synchronisation), threads
     pinned to the driver's CPUs. `compile_mode` "compile": the model through `torch.compile`
@@ -162,6 +164,7 @@ def serve_mace(n_atoms: int, batch_size: int, device: str = "cpu", compile_mode:
 
     tasks = {scheme: (lambda s=scheme: step(s)) for scheme in TASKS[:3]}
     tasks["Hessian inference"] = hessian
+    tasks = {k: v for k, v in tasks.items() if k in only}
     info = {"framework": "mace-torch", "n_params": n_params, "threads": torch.get_num_threads(), "pin": pinned}
     info.update(
         device=device, torch=torch.__version__, mace=importlib.metadata.version("mace-torch"), compile_mode=compile_mode
@@ -217,6 +220,7 @@ def main(argv=None) -> None:
     p.add_argument("--round-s", type=float, default=0.6, help="seconds of steps per task and round (>= 1 step)")
     p.add_argument("--hessian-chunk", type=int, default=0, help="phljax E-F-H / Hessian chunk (0: all columns)")
     p.add_argument("--torch-compile", action="store_true", help="also time MACE through torch.compile")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks to time (default: all)")
     p.add_argument("--out", default="benchmarks/results/peer_mace.json")
     p.add_argument("--device", default="cpu", help='torch device of MACE ("cuda" on a GPU; phljax uses JAX\'s default)')
     p.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space cap of phljax workers (0: none)")
@@ -226,7 +230,8 @@ def main(argv=None) -> None:
     if args.worker:
         what, n = args.worker[0], int(args.worker[1])
         if what in ("mace", "mace-compile"):
-            serve_mace(n, args.batch_size, args.device, "compile" if what == "mace-compile" else "eager")
+            mode = "compile" if what == "mace-compile" else "eager"
+            serve_mace(n, args.batch_size, args.device, mode, tuple(args.tasks))
         else:
             serve_phljax_hessian(n, args.hessian_chunk or None)
         return
@@ -235,24 +240,28 @@ def main(argv=None) -> None:
         batch_size=args.batch_size, large=10**9, mem_limit_gb=args.mem_limit_gb, hessian_chunks=[args.hessian_chunk]
     )  # the same batch at every size, as MACE gets
     me = [sys.executable, os.path.abspath(__file__), "--batch-size", str(args.batch_size), "--device", args.device,
-          "--hessian-chunk", str(args.hessian_chunk)]  # fmt: skip
+          "--hessian-chunk", str(args.hessian_chunk), "--tasks", *args.tasks]  # fmt: skip
     records = []
     for n in args.atoms:
         workers, tasks, meta = {}, {}, {}  # label -> (worker, worker's task), (framework, task)
         try:
             for label, probe, k in training_cost.SCHEMES:
-                if label in TASKS:
+                if label in args.tasks:
                     cmd = training_cost._worker_cmd(probe, k, n, bench, args.hessian_chunk, mode="--serve")
                     workers[f"phljax {label}"] = hygiene.Worker(cmd, env=training_cost._env())
                     tasks[f"phljax {label}"] = (workers[f"phljax {label}"], "step")
                     meta[f"phljax {label}"] = ("phljax", label)
-            workers["phljax Hessian"] = hygiene.Worker(me + ["--worker", "phljax", str(n)], env=training_cost._env())
-            tasks["phljax Hessian inference"] = (workers["phljax Hessian"], "Hessian inference")
-            meta["phljax Hessian inference"] = ("phljax", "Hessian inference")
+            if "Hessian inference" in args.tasks:
+                cmd = me + ["--worker", "phljax", str(n)]
+                w = workers["phljax Hessian"] = hygiene.Worker(cmd, env=training_cost._env())
+                tasks["phljax Hessian inference"] = (w, "Hessian inference")
+                meta["phljax Hessian inference"] = ("phljax", "Hessian inference")
             for mode in ["mace"] + (["mace-compile"] if args.torch_compile else []):
                 w = workers[mode] = hygiene.Worker(me + ["--worker", mode, str(n)], env=training_cost._env())
                 name = "MACE" if mode == "mace" else "MACE compiled"
                 for task, first in w.info["first_call_s"].items():
+                    if task not in args.tasks:
+                        continue
                     if isinstance(first, str):
                         error = " ".join(first.split())  # one line
                         records.append({"framework": name, "task": task, "n_atoms": n, "error": error})
@@ -272,7 +281,7 @@ def main(argv=None) -> None:
                  args.batch_size, **info, "step_time_s": rec["step_time_s"], "round_medians_s": rec["round_medians_s"],
                  "steps_per_round": timed["steps"][label], "load_before": timed["load_before"],
                  "load_after": timed["load_after"],
-                 "loaded": timed["load_before"]["loaded"] or timed["load_after"]["loaded"]}
+                 "foreign_cpu": timed["foreign_cpu"], "loaded": timed["loaded"]}
             )  # fmt: skip
             print(f"{n:>4} atoms  {framework:<14} {task:<20} {1e3 * rec['step_time_s']:.1f} ms", flush=True)
         with open(args.out, "w") as f:

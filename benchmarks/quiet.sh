@@ -27,8 +27,10 @@ settle() {  # wait (at most 3 min) for the 1-minute load average to fall below 0
 }
 { date -u +%FT%TZ; lscpu | grep -E "Model name|^CPU\(s\)"; "$py" -c "import jax, torch; print('jax', jax.__version__, 'torch', torch.__version__)"; } > "$out/machine.txt" 2>&1
 settle; "$py" "$here/training_cost.py" --atoms 14 --hessian-chunks 0 14 --rounds 12 --out "$out/training_cost_14.json"
-settle; "$py" "$here/peer_mace.py" --atoms 12 24 --torch-compile --rounds 8 --out "$out/peer_mace.json"
-if [ -f "$here/peer_jax.py" ]; then settle; "$py" "$here/peer_jax.py" --out "$out/peer_jax.json"; fi
+settle; "$py" "$here/peer_mace.py" --atoms 12 --torch-compile --rounds 8 --out "$out/peer_mace_12.json"
+settle; "$py" "$here/peer_mace.py" --atoms 24 --tasks E-F "E-F-HVP random K=1" "Hessian inference" --rounds 6 \
+    --out "$out/peer_mace_24.json"   # MACE E-F-H at 24 atoms: minutes per step, not timed
+settle; "$py" "$here/peer_jax.py" --atoms 12 --rounds 8 --out "$out/peer_jax.json"
 settle; "$py" "$here/startup.py" --out "$out/startup.json"
 settle; "$py" "$here/training_cost.py" --atoms 5 30 --hessian-chunks 0 --rounds 8 --out "$out/training_cost_5_30.json"
 settle; "$py" "$here/training_cost.py" --atoms 1000 --schemes E-F "E-F-HVP random K=1" --rounds 6 --out "$out/training_cost_1000.json"
