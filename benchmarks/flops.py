@@ -211,7 +211,8 @@ def op_costs(text: str) -> tuple[list[tuple], object]:
                     n = _elements(table[ins["operands"][0]]["shape"])
                     flops = n * math.ceil(math.log2(max(n, 2)))
                 elif op == "convolution":
-                    raise NotImplementedError("convolution FLOPs (no convolutions in phljax's steps)")
+                    # phljax's steps have none; refuse rather than count a convolution as 0 FLOPs
+                    raise ValueError(f"{ins['name']}: flops.py does not count convolutions; use cost_analysis()")
                 out.append((flops, op, meta[0], meta[1], ins["shape"], flops * fraction.get(ins["name"], 1.0)))
         memo[(comp, inherited, fused)] = out
         return out

@@ -215,6 +215,29 @@ def quantile(xs: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (i - lo)
 
 
+def ratio_stats(ratios: Sequence[float]) -> dict:
+    """Median, quartiles, range and count of per-round ratios."""
+    return {
+        "median": statistics.median(ratios),
+        "q25": quantile(ratios, 0.25),
+        "q75": quantile(ratios, 0.75),
+        "min": min(ratios),
+        "max": max(ratios),
+        "rounds": len(ratios),
+    }
+
+
+def per_round_ratio(num: dict, den: dict, minus: dict | None = None, scale: float = 1.0) -> dict | None:
+    """Median and spread over rounds of (num - minus) / scale / den from records' `round_medians_s`
+    (one interleaved session, so round r of each was taken back to back); None if not comparable."""
+    rounds = [r.get("round_medians_s") for r in (num, den, minus or den)]
+    if any(not x for x in rounds) or len({len(x) for x in rounds}) != 1:
+        return None
+    a, b, c = rounds
+    ratios = [(x - (z if minus else 0.0)) / scale / y for x, y, z in zip(a, b, c, strict=True)]
+    return ratio_stats(ratios)
+
+
 def summarize(rounds: Mapping[str, Sequence[float]], base: str | None) -> dict[str, dict]:
     """Per label: the median of its per-round times and, against `base`, the per-round ratios'
     median, quartiles and range. `rounds[label][r]` is the label's median step time in round r."""
@@ -223,15 +246,7 @@ def summarize(rounds: Mapping[str, Sequence[float]], base: str | None) -> dict[s
         rec = {"round_medians_s": [round(t, 6) for t in times], "step_time_s": statistics.median(times)}
         if base is not None and base in rounds:
             ratios = [t / b for t, b in zip(times, rounds[base], strict=True)]
-            rec["ratio"] = {
-                "to": base,
-                "median": statistics.median(ratios),
-                "q25": quantile(ratios, 0.25),
-                "q75": quantile(ratios, 0.75),
-                "min": min(ratios),
-                "max": max(ratios),
-                "rounds": len(ratios),
-            }
+            rec["ratio"] = {"to": base, **ratio_stats(ratios)}
         out[label] = rec
     return out
 
@@ -288,9 +303,8 @@ def interleave(
     }
 
 
-def ratio_text(rec: dict | None) -> str:
-    """'2.31x [2.2-2.4]': a label's median per-round ratio and interquartile range."""
-    if not rec or "ratio" not in rec:
+def ratio_text(ratio: dict | None, digits: int = 2) -> str:
+    """'2.31x [2.20-2.40]': a `ratio_stats` median and interquartile range ('' for None)."""
+    if not ratio:
         return ""
-    r = rec["ratio"]
-    return f"{r['median']:.2f}x [{r['q25']:.2f}-{r['q75']:.2f}]"
+    return f"{ratio['median']:.{digits}f}x [{ratio['q25']:.{digits}f}-{ratio['q75']:.{digits}f}]"

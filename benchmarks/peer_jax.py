@@ -548,11 +548,7 @@ def start_workers(configs: list[tuple[str, str]], npz: str, args, log=print) -> 
 
 def ratio_between(num: dict, den: dict) -> dict | None:
     """Per-round ratio num / den of two records of one interleaved session: median, quartiles, range."""
-    a, b = num.get("round_medians_s"), den.get("round_medians_s")
-    if not a or not b or len(a) != len(b):
-        return None
-    rec = hygiene.summarize({"num": a, "den": b}, "den")["num"]["ratio"]
-    return {key: value for key, value in rec.items() if key != "to"}
+    return hygiene.per_round_ratio(num, den)
 
 
 def race_size(n: int, args, log=print) -> list[dict]:
@@ -611,12 +607,6 @@ def race_size(n: int, args, log=print) -> list[dict]:
 # ----------------------------------------------------------------------------- reporting
 
 
-def _iqr(r: dict | None, digits: int = 2) -> str:
-    if not r:
-        return ""
-    return f"{r['median']:.{digits}f}x [{r['q25']:.{digits}f}-{r['q75']:.{digits}f}]"
-
-
 def table(records: list[dict]) -> str:
     """Markdown: per size and task, each framework's step (ms), GFLOP, compile time, and its time
     and FLOPs over phljax's at the same task (time: median of per-round ratios [interquartile
@@ -645,8 +635,8 @@ def table(records: list[dict]) -> str:
                 flop_ratio = f"{flops / phl['flops']:.2f}x" if flops is not None and phl.get("flops") else ""
                 lines.append(
                     f"| {n} | {task} | {fw} | {r.get('n_params', '')} | {1e3 * r['step_time_s']:.1f} | {gflop} "
-                    f"| {r.get('compile_time_s', 0):.1f} | {_iqr(r.get('ratio_to_phljax_same_task'))} "
-                    f"| {flop_ratio} | {_iqr(r.get('ratio_to_phljax_ef'))} |"
+                    f"| {r.get('compile_time_s', 0):.1f} | {hygiene.ratio_text(r.get('ratio_to_phljax_same_task'))} "
+                    f"| {flop_ratio} | {hygiene.ratio_text(r.get('ratio_to_phljax_ef'))} |"
                 )
     return "\n".join(lines)
 

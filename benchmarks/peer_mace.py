@@ -309,8 +309,8 @@ def table(records: list[dict]) -> str:
                 if "step_time_s" not in b:
                     cells += [b.get("error", "")[:60], ""]
                     continue
-                r = training_cost.per_round_ratio(a, b) if "step_time_s" in a else None
-                ratio = f"{r['median']:.3f}x [{r['q25']:.3f}-{r['q75']:.3f}]" if r else ""
+                r = hygiene.per_round_ratio(a, b) if "step_time_s" in a else None
+                ratio = hygiene.ratio_text(r, 3)
                 cells += [f"{1e3 * b['step_time_s']:.1f}", ratio]
             lines.append(f"| {n} | {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -312,24 +311,6 @@ def _chunks(n: int, args) -> list[int]:
     return sorted({c if 0 < c < 3 * n else 0 for c in args.hessian_chunks})
 
 
-def per_round_ratio(num: dict, den: dict, minus: dict | None = None, scale: float = 1.0) -> dict | None:
-    """Median and spread over rounds of (num - minus) / scale / den from records' `round_medians_s`
-    (one interleaved session, so round r of each was taken back to back); None if not comparable."""
-    rounds = [r.get("round_medians_s") for r in (num, den, minus or den)]
-    if any(not x for x in rounds) or len({len(x) for x in rounds}) != 1:
-        return None
-    a, b, c = rounds
-    ratios = [(x - (z if minus else 0.0)) / scale / y for x, y, z in zip(a, b, c, strict=True)]
-    return {
-        "median": statistics.median(ratios),
-        "q25": hygiene.quantile(ratios, 0.25),
-        "q75": hygiene.quantile(ratios, 0.75),
-        "min": min(ratios),
-        "max": max(ratios),
-        "rounds": len(ratios),
-    }
-
-
 def time_size(n: int, args, log=print) -> list[dict]:
     """Every requested scheme at n atoms, timed interleaved (benchmarks/hygiene.py).
 
@@ -415,8 +396,7 @@ def _save(records: list[dict], path: str) -> None:
 
 def _ratio_text(r: dict | None) -> str:
     """The interleaved time ratio to E-F, '2.31x [2.20-2.40]' (median of per-round ratios, IQR)."""
-    ratio = (r or {}).get("ratio_to_ef")
-    return f"{ratio['median']:.2f}x [{ratio['q25']:.2f}-{ratio['q75']:.2f}]" if ratio else ""
+    return hygiene.ratio_text((r or {}).get("ratio_to_ef"))
 
 
 def _time_ratio(num: dict | None, den: dict | None, minus: dict | None = None, scale: float = 1.0, digits=2) -> str:
@@ -424,9 +404,9 @@ def _time_ratio(num: dict | None, den: dict | None, minus: dict | None = None, s
     records come from one interleaved session, else the ratio of medians (older records)."""
     if not (_ok(num) and _ok(den) and (minus is None or _ok(minus))):
         return ""
-    r = per_round_ratio(num, den, minus, scale)
+    r = hygiene.per_round_ratio(num, den, minus, scale)
     if r is not None:
-        return f"{r['median']:.{digits}f}x [{r['q25']:.{digits}f}-{r['q75']:.{digits}f}]"
+        return hygiene.ratio_text(r, digits)
     sub = minus["step_time_s"] if minus else 0.0
     return f"{(num['step_time_s'] - sub) / scale / den['step_time_s']:.{digits}f}x"
 
