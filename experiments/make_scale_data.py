@@ -11,8 +11,10 @@
     python experiments/make_scale_data.py --assemble
 
 Every finished calculation is cached under --cache at once; rerunning skips it. The output is
-<prefix>-train.h5, -test.h5 and -minima.h5 in --out, readable by phljax.data.read_h5, plus
-<prefix>.DATA_CARD.md; summary.json goes to the cache.
+<prefix>-train.h5 (E, F; H for small molecules), <prefix>-train-<kind>.h5 (E, F and each training
+sample's pool of <kind> probes with reference HVPs, for --probe-mode data), -test.h5 and
+-minima.h5 (E, F, H) in --out, readable by phljax.data.read_h5, plus <prefix>.DATA_CARD.md;
+summary.json goes to the cache.
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=DEFAULT.temperature, help="NMS temperature, Kelvin")
     p.add_argument("--n-test-per-bin", type=int, default=DEFAULT.n_test_per_bin,
                    help="samples per size bin labelled with a full FD Hessian (the test subset)")  # fmt: skip
-    p.add_argument("--hvp-min-atoms", type=int, default=DEFAULT.hvp_min_atoms,
-                   help="molecules with >= this many atoms get K probe HVPs on train samples (0: none)")  # fmt: skip
-    p.add_argument("--num-probes", type=int, default=DEFAULT.num_probes, help="K probes per HVP-labelled sample")
-    p.add_argument("--probe-kind", choices=PROBE_KINDS, default=DEFAULT.probe_kind)
+    p.add_argument("--train-hessian-max-atoms", type=int, default=DEFAULT.train_hessian_max_atoms,
+                   help="training samples of molecules with <= this many atoms get full FD Hessians (0: none)")  # fmt: skip
+    p.add_argument("--pool-kinds", default=",".join(DEFAULT.pool_kinds),
+                   help=f"comma-separated probe kinds of each training sample's pool, of {','.join(PROBE_KINDS)}")  # fmt: skip
+    p.add_argument("--pool-size", type=int, default=DEFAULT.pool_size, help="probes per kind in each pool")
     p.add_argument("--fd-step", type=float, default=DEFAULT.fd_step, help="finite-difference step, Angstrom")
     p.add_argument("--fmax", type=float, default=DEFAULT.fmax, help="LBFGS convergence of the minima, eV/Angstrom")
     p.add_argument("--accuracy", type=float, default=DEFAULT.level.accuracy, help="tblite accuracy")
@@ -57,8 +60,8 @@ def config(args: argparse.Namespace) -> scale.ScaleConfig:
     """The data set's configuration from the command line's settings."""
     return scale.ScaleConfig(
         level=XTBLevel(accuracy=args.accuracy), seed=args.seed, fmax=args.fmax, n_nms=args.n_nms,
-        temperature=args.temperature, n_test_per_bin=args.n_test_per_bin, hvp_min_atoms=args.hvp_min_atoms,
-        num_probes=args.num_probes, probe_kind=args.probe_kind, fd_step=args.fd_step,
+        temperature=args.temperature, n_test_per_bin=args.n_test_per_bin, train_hessian_max_atoms=args.train_hessian_max_atoms,
+        pool_kinds=tuple(k for k in args.pool_kinds.split(",") if k), pool_size=args.pool_size, fd_step=args.fd_step,
     )  # fmt: skip
 
 

@@ -98,7 +98,7 @@ def test_unconverged_scc_raises():
         xtb.singlepoint(numbers, np.zeros((3, 3)))
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "onehot", "orthogonal"])
+@pytest.mark.parametrize("kind", ["gaussian", "onehot", "orthogonal", "rademacher"])
 def test_hvp_labels_equal_hessian_times_v(water_hessian, kind):
     numbers, positions, out = water_hessian
     probes = make_probes(kind, 4, 3, np.random.default_rng(2))
@@ -151,16 +151,17 @@ def test_test_subset_is_dealt_round_robin_per_bin():
         b = scale.size_bin(scale.count_atoms(m.smiles))
         by_bin[b] = by_bin.get(b, 0) + counts[m.name]
     assert set(by_bin.values()) == {8}
-    assert scale.label_kind(cfg, 152, 0, 2) == "hessian" and scale.label_kind(cfg, 152, 2, 2) == "hvp"
-    assert scale.label_kind(cfg, 50, 2, 2) == "ef"
+    assert scale.label_kind(cfg, 152, 0, 2) == "hessian" and scale.label_kind(cfg, 152, 2, 2) == "pool"
+    assert scale.label_kind(cfg, 24, 2, 2) == "train_hessian"
 
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
-    """Water and methane through the whole builder: 3 samples each, 1 test sample per bin, HVPs for methane."""
+    """Water and methane through the whole builder: 3 samples each, 1 test sample per bin; water's
+    training samples have Hessians (pools exact from them), methane's FD pools of 2 probes per kind."""
     cfg = scale.ScaleConfig(
         molecules=(scale.ScaleMolecule("water", "O", "tiny"), scale.ScaleMolecule("methane", "C", "alkane")),
-        n_nms=3, n_test_per_bin=1, hvp_min_atoms=5, num_probes=2, size_bins=(1, 4, 10),
+        n_nms=3, n_test_per_bin=1, train_hessian_max_atoms=3, pool_size=2, size_bins=(1, 4, 10),
     )  # fmt: skip
     root = tmp_path_factory.mktemp("scale")
     cache, out = str(root / "cache"), str(root / "out")
@@ -171,28 +172,39 @@ def tiny_set(tmp_path_factory):
 
 def test_builder_writes_files_that_phljax_data_reads(tiny_set):
     cfg, cache, out, summary = tiny_set
-    assert summary["files"] == {"train": "tiny-train.h5", "test": "tiny-test.h5", "minima": "tiny-minima.h5"}
+    kinds = ("gaussian", "onehot", "rademacher")
+    assert summary["files"] == {"train": "tiny-train.h5", "test": "tiny-test.h5", "minima": "tiny-minima.h5",
+                                **{f"train-{k}": f"tiny-train-{k}.h5" for k in kinds}}  # fmt: skip
     assert summary["n_geometries"] == 6 and summary["n_rejected"] == 0 and summary["n_settled"] == 6
-    assert summary["bins"] == {"1-3": {"molecules": 1, "train": 2, "test": 1, "hvp": 0},
-                               "4-9": {"molecules": 1, "train": 2, "test": 1, "hvp": 2}}  # fmt: skip
+    assert summary["bins"] == {"1-3": {"molecules": 1, "train": 2, "test": 1, "train_hessian": 2},
+                               "4-9": {"molecules": 1, "train": 2, "test": 1, "train_hessian": 0}}  # fmt: skip
     train, test, minima = (read_h5(os.path.join(out, f"tiny-{p}.h5")) for p in ("train", "test", "minima"))
     assert len(train) == 4 and len(test) == 2 and len(minima) == 2
     assert all(m.hessian is not None and m.meta["split"] == "test" for m in test)
     assert all(m.meta["split"] == "minimum" and m.meta["category"] == "minimum" for m in minima)
     by_name = {n: [m for m in train if m.meta["name"] == n] for n in ("water", "methane")}
-    assert all(m.hvp_probes is None and m.hessian is None for m in by_name["water"])
-    assert all(m.hvp_probes.shape == (2, 5, 3) for m in by_name["methane"])
+    assert all(m.hvp_probes is None and m.hessian is not None for m in by_name["water"])
+    assert all(m.hvp_probes is None and m.hessian is None for m in by_name["methane"])
+    pools = {k: read_h5(os.path.join(out, f"tiny-train-{k}.h5")) for k in kinds}
+    for k, mols in pools.items():  # every training sample, that kind's probes, no Hessian
+        assert len(mols) == 4 and all(m.hessian is None and m.hvp_probes.shape[0] == 2 for m in mols)
+    assert all(np.count_nonzero(m.hvp_probes.reshape(2, -1), axis=1).tolist() == [1, 1] for m in pools["onehot"])
+    assert all(set(np.abs(m.hvp_probes).ravel()) == {1.0} for m in pools["rademacher"])
+    for w in (m for m in pools["gaussian"] if m.meta["name"] == "water"):  # pools from the stored Hessian: exact
+        h = next(x.hessian for x in by_name["water"] if x.meta["index"] == w.meta["index"])
+        np.testing.assert_allclose(w.hvps, np.einsum("iajb,kjb->kia", h, w.hvp_probes), rtol=1e-10, atol=1e-12)
+    by_name["methane"] = [m for m in pools["gaussian"] if m.meta["name"] == "methane"]
     assert {m.meta["size_bin"] for m in train} == {"1-3", "4-9"} and {m.meta["smiles"] for m in train} == {"O", "C"}
     # units: the file holds Hartree/Angstrom, the records eV/Angstrom; the labels are the cache's
     rec = np.load(os.path.join(cache, "methane", "nms_001.npz"))
     m = next(x for x in by_name["methane"] if x.meta["index"] == 1)
     np.testing.assert_allclose(m.energy, float(rec["energy"]) * units.HARTREE, rtol=1e-14)
     np.testing.assert_allclose(m.forces, -rec["gradient"] * units.HARTREE / units.BOHR, rtol=1e-14)
-    np.testing.assert_allclose(m.hvps, rec["hvps"] * units.HARTREE / units.BOHR**2, rtol=1e-14)
+    np.testing.assert_allclose(m.hvps, rec["pool_gaussian_hvps"] * units.HARTREE / units.BOHR**2, rtol=1e-14)
     # the stored HVPs are H v of the xTB surface at that geometry
     h = xtb.fd_hessian(m.numbers, m.positions, cfg.level, check_columns=0)["hessian"]
     exact = np.einsum("iajb,kjb->kia", h, m.hvp_probes)
-    assert np.abs(rec["hvps"] - exact).max() < 1e-4 * np.abs(exact).max()
+    assert np.abs(rec["pool_gaussian_hvps"] - exact).max() < 1e-4 * np.abs(exact).max()
     # samples are distorted minima: non-zero forces, energies above the minimum's
     e_min = next(x.energy for x in minima if x.meta["name"] == "methane")
     assert all(x.energy > e_min for x in by_name["methane"]) and np.abs(m.forces).max() > 1e-2
@@ -228,4 +240,5 @@ def test_scale_card_renders(tiny_set):
     _, _, _, summary = tiny_set
     card = render_scale_card(summary, "tiny")
     assert "Status: **complete**" in card and "deliberately not the reaction set's" in card
-    assert "| methane | alkane | 5 | 4-9 | 2 | 1 | 2 |" in card
+    assert "| methane | alkane | 5 | 4-9 | 2 | 1 | 0 |" in card and "| water | tiny | 3 | 1-3 | 2 | 1 | 2 |" in card
+    assert "onehot, gaussian, rademacher" in card

@@ -267,11 +267,11 @@ def render_scale_card(summary: dict[str, Any], prefix: str) -> str:
     status = "complete" if done else f"PARTIAL: {n} of {planned} planned geometries so far"
     rows = [
         f"| {name} | {m['family']} | {m['n_atoms']} | {m['size_bin']} | {m['n_train']} | {m['n_test']} | "
-        f"{m['n_hvp']} | {m.get('lowest_freq_cm', float('nan')):.0f} | {m.get('n_frozen', 0)} | "
+        f"{m['n_train_hessian']} | {m.get('lowest_freq_cm', float('nan')):.0f} | {m.get('n_frozen', 0)} | "
         f"{m.get('s_per_gradient', float('nan')):.3f} | {'; '.join(m['rejected'])} |"
         for name, m in sorted(mols.items(), key=lambda kv: kv[1]["n_atoms"])
     ]
-    bins = [f"| {b} | {c['molecules']} | {c['train']} | {c['test']} | {c['hvp']} |" for b, c in summary["bins"].items()]
+    bins = [f"| {b} | {c['molecules']} | {c['train']} | {c['test']} | {c['train_hessian']} |" for b, c in summary["bins"].items()]
     limits = cfg.get("limits", {})
     atoms = sorted(m["n_atoms"] for m in mols.values())
     size = f"{atoms[0]}-{atoms[-1]}" if atoms else "0"
@@ -303,10 +303,14 @@ DFT set's, and do not read its errors as DFT accuracy.
   {cfg.get("fd_step")} Angstrom, symmetrised; accepted only with max|H - H^T|/max|H| <= {limits.get("max_asym_rel")},
   translational sum rule max|sum_j H_ij|/max|H| <= {limits.get("max_sum_rule_rel")}, and
   {cfg.get("check_columns")} columns recomputed with step 2h agreeing to {limits.get("max_step_rel")} of max|H|.
-- Training samples of molecules with >= {cfg.get("hvp_min_atoms")} atoms (`{prefix}-train.h5`): instead of
-  a Hessian, {cfg.get("num_probes")} {cfg.get("probe_kind")} probes (`hvp_probes` [n_conf, K, N, 3],
-  dimensionless, E[v v^T] = I) and their Hessian-vector products (`hvps`, Hartree/Angstrom^2) by central
-  differences of gradients along each probe (2K gradients), for `--probe-mode data`.
+- Training samples (`{prefix}-train.h5`): E and F; for molecules of at most
+  {cfg.get("train_hessian_max_atoms")} atoms also the full checked Hessian (the randomized regime and E-F-H train on those).
+- Probe pools of every training sample (`{prefix}-train-<kind>.h5`, one file per kind of
+  {", ".join(cfg.get("pool_kinds", ()))}): {cfg.get("pool_size")} probes (`hvp_probes` [n_conf, K, N, 3], dimensionless,
+  E[v v^T] = I; one-hot sqrt(3N) e_c) and their Hessian-vector products (`hvps`, Hartree/Angstrom^2): exact
+  products with the Hessian where the sample has one, else central differences of gradients along each
+  probe (2 gradients per probe), for `--probe-mode data`. All kinds are drawn for the same samples, so
+  one-hot and random probes are compared on the same geometries at every size.
 - Provenance per geometry: `name`, `family`, `smiles`, `size_bin`, `split` (train, test, minimum),
   `category` (nms, minimum), `index` (sample), `source`.
 
@@ -323,7 +327,7 @@ DFT set's, and do not read its errors as DFT accuracy.
 
 ## Size bins
 
-| atoms | molecules | train | test (Hessian) | train with HVPs |
+| atoms | molecules | train | test (Hessian) | train with Hessian |
 |---|---|---|---|---|
 {chr(10).join(bins)}
 
@@ -332,7 +336,7 @@ DFT set's, and do not read its errors as DFT accuracy.
 Lowest frequency at the minimum (cm^-1), modes not displaced as rotation-like, and the median wall
 time per gradient of the molecule's labels (seconds, on the machine and load of the run).
 
-| name | family | atoms | bin | train | test | HVP | lowest freq | frozen | s/gradient | rejected |
+| name | family | atoms | bin | train | test | train H | lowest freq | frozen | s/gradient | rejected |
 |---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 

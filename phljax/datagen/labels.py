@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: The probe distributions :func:`make_probes` draws (named as in :data:`phljax.probes.DISTRIBUTIONS`).
-PROBE_KINDS = ("gaussian", "onehot", "orthogonal")
+PROBE_KINDS = ("gaussian", "onehot", "orthogonal", "rademacher")
 
 
 def is_done(stem: str) -> bool:
@@ -137,7 +137,7 @@ def label_hessian(
 
 
 def make_probes(kind: str, num_probes: int, n_atoms: int, rng: np.random.Generator) -> np.ndarray:  # [K, N, 3]
-    """Probe vectors with E[v v^T] = I: ``gaussian`` N(0, I), ``onehot`` sqrt(3N) e_c, c uniform, or
+    """Probe vectors with E[v v^T] = I: ``gaussian`` N(0, I), ``rademacher`` +-1, ``onehot`` sqrt(3N) e_c, c uniform, or
     ``orthogonal``: sqrt(3N) times the columns of random orthogonal blocks of 3N (the last block
     partial), as :func:`phljax.probes.molecule_probes` draws them.
 
@@ -152,6 +152,8 @@ def make_probes(kind: str, num_probes: int, n_atoms: int, rng: np.random.Generat
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
     if kind == "gaussian":
         return rng.standard_normal((num_probes, n_atoms, 3))
+    if kind == "rademacher":
+        return rng.choice(np.array([-1.0, 1.0]), size=(num_probes, n_atoms, 3))
     if kind == "onehot":
         v = np.zeros((num_probes, d))
         v[np.arange(num_probes), rng.integers(0, d, num_probes)] = np.sqrt(d)

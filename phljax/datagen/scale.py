@@ -11,8 +11,12 @@ rings and aromatics, larger flexible molecules, in the size bins :data:`SIZE_BIN
    rotation-like modes not displaced), seeded by ``default_rng([seed, crc32(name)])``;
 4. labels of every sample: energy and forces; a full FD Hessian for the test subset
    (``n_test_per_bin`` samples per size bin, taken round-robin over the bin's molecules, the
-   first samples of each); for molecules of at least ``hvp_min_atoms`` atoms ``num_probes``
-   probes and their FD HVPs (2K gradients) instead, on every training sample.
+   first samples of each) and for the training samples of molecules of at most
+   ``train_hessian_max_atoms`` atoms; and on every training sample a *probe pool*: for each kind
+   of ``pool_kinds`` (one-hot, Gaussian, Rademacher) ``pool_size`` probes and their reference
+   HVPs, exact products with the FD Hessian where the sample has one, else central differences of
+   gradients (2 per probe). The pools are what Hessian-free training (``--probe-mode data``) of
+   each probe family reads, at every size, so one-hot and random probes meet the same samples.
 
 The level of theory differs from the DFT reaction set on purpose: the scaling questions are about
 the training method, so any consistent reference surface serves (see the data card).
@@ -20,9 +24,10 @@ the training method, so any consistent reference surface serves (see the data ca
 Cache (``<cache>/<name>/``, atomic units as :mod:`phljax.datagen.labels`): ``minimum.npz``,
 ``minimum_hessian.npz``, ``samples.npz``, ``nms_<k>.npz``; a failed step is
 ``<stem>.rejected.json`` instead. Every file is written the moment it is computed, so a killed
-run resumes where it stopped. :func:`assemble` writes ``<prefix>-train.h5`` (E, F, and HVPs for
-the largest molecules), ``<prefix>-test.h5`` (E, F, H) and ``<prefix>-minima.h5`` (E, F, H of each
-minimum) in the ANI layout of :func:`phljax.data.write_h5`.
+run resumes where it stopped. :func:`assemble` writes ``<prefix>-train.h5`` (E, F, and H where
+stored), ``<prefix>-train-<kind>.h5`` per pool kind (E, F and that kind's pool as ``hvp_probes`` /
+``hvps``), ``<prefix>-test.h5`` (E, F, H) and ``<prefix>-minima.h5`` (E, F, H of each minimum) in
+the ANI layout of :func:`phljax.data.write_h5`.
 """
 
 from __future__ import annotations
@@ -229,10 +234,10 @@ class ScaleConfig:
             :func:`phljax.datagen.sampling.rectilinear_stretch`) are not displaced (the reaction
             set's value).
         n_test_per_bin: samples per size bin labelled with a full Hessian (the test subset).
-        hvp_min_atoms: molecules with at least this many atoms get ``num_probes`` HVP labels on
-            every training sample (0: none does).
-        num_probes: K probes per HVP-labelled sample.
-        probe_kind: their distribution (:data:`phljax.datagen.labels.PROBE_KINDS`).
+        train_hessian_max_atoms: training samples of molecules of at most this many atoms get a
+            full FD Hessian too (0: none does); the randomized regime and E-F-H train on them.
+        pool_kinds: probe kinds of the pools (:data:`phljax.datagen.labels.PROBE_KINDS`).
+        pool_size: probes per kind in each training sample's pool.
         fd_step: finite-difference step of Hessians and HVPs, Angstrom.
         check_columns: Hessian columns checked against step 2 fd_step.
         limits: Hessian acceptance limits.
@@ -249,9 +254,9 @@ class ScaleConfig:
     min_freq_cm: float = MIN_FREQ_CM
     max_rectilinear_stretch: float = 0.04
     n_test_per_bin: int = 8
-    hvp_min_atoms: int = 130
-    num_probes: int = 4
-    probe_kind: str = "gaussian"
+    train_hessian_max_atoms: int = 40
+    pool_kinds: tuple[str, ...] = ("onehot", "gaussian", "rademacher")
+    pool_size: int = 4
     fd_step: float = XTB_FD_STEP
     check_columns: int = 6
     limits: XTBHessianLimits = XTB_HESSIAN_LIMITS
@@ -264,11 +269,12 @@ class ScaleConfig:
         bad = [n for n in names if not n.replace("_", "").isalnum()]
         if bad:
             raise ValueError(f"molecule names must be letters, digits and '_' (cache directories): {bad}")
-        if self.probe_kind not in PROBE_KINDS:
-            raise ValueError(f"probe_kind must be one of {PROBE_KINDS}, got {self.probe_kind!r}")
-        if self.n_nms < 1 or self.num_probes < 1 or self.n_test_per_bin < 0:
-            raise ValueError(f"need n_nms >= 1, num_probes >= 1, n_test_per_bin >= 0, got "
-                             f"{self.n_nms}, {self.num_probes}, {self.n_test_per_bin}")  # fmt: skip
+        bad = sorted(set(self.pool_kinds) - set(PROBE_KINDS))
+        if bad or len(set(self.pool_kinds)) != len(self.pool_kinds):
+            raise ValueError(f"pool_kinds must be distinct kinds of {PROBE_KINDS}, got {list(self.pool_kinds)}")
+        if self.n_nms < 1 or self.pool_size < 0 or self.n_test_per_bin < 0:
+            raise ValueError(f"need n_nms >= 1, pool_size >= 0, n_test_per_bin >= 0, got "
+                             f"{self.n_nms}, {self.pool_size}, {self.n_test_per_bin}")  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,6 +286,7 @@ class ScaleConfig:
         d["molecules"] = tuple(ScaleMolecule(**m) for m in d["molecules"])
         d["limits"] = XTBHessianLimits(**d["limits"])
         d["size_bins"] = tuple(d["size_bins"])
+        d["pool_kinds"] = tuple(d["pool_kinds"])
         return cls(**d)
 
 
@@ -300,10 +307,16 @@ def n_test_samples(cfg: ScaleConfig) -> dict[str, int]:
 
 
 def label_kind(cfg: ScaleConfig, n_atoms: int, index: int, n_test: int) -> str:
-    """``'hessian'`` (test subset), ``'hvp'`` (training sample of a large molecule) or ``'ef'``."""
+    """``'hessian'`` (test subset), ``'train_hessian'`` (training sample of a small molecule: full
+    Hessian and pools from it) or ``'pool'`` (training sample: E, F and FD pools)."""
     if index < n_test:
         return "hessian"
-    return "hvp" if cfg.hvp_min_atoms and n_atoms >= cfg.hvp_min_atoms else "ef"
+    return "train_hessian" if n_atoms <= cfg.train_hessian_max_atoms else "pool"
+
+
+def pool_probes(cfg: ScaleConfig, n_atoms: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The probe pool of one training sample: ``{kind: [pool_size, N, 3]}``, drawn in ``pool_kinds`` order."""
+    return {kind: make_probes(kind, cfg.pool_size, n_atoms, rng) for kind in cfg.pool_kinds}
 
 
 def _reject(stem: str, err: Exception, positions: np.ndarray, **info) -> None:
@@ -313,19 +326,37 @@ def _reject(stem: str, err: Exception, positions: np.ndarray, **info) -> None:
 
 
 def _label(stem: str, cfg: ScaleConfig, kind: str, numbers, positions, meta: dict[str, Any], rng) -> None:
-    """Label one geometry (``kind`` 'ef', 'hessian' or 'hvp') into ``<stem>.npz`` (or reject it)."""
+    """Label one geometry (``kind`` of :func:`label_kind`) into ``<stem>.npz`` (or reject it).
+
+    A training sample's pools (``pool_<kind>_probes`` / ``pool_<kind>_hvps``, Hartree/Bohr^2 per
+    unit probe) are exact products with its FD Hessian (``train_hessian``) or FD HVPs (``pool``).
+    """
     t0 = time.perf_counter()
+    n = len(numbers)
     try:
-        if kind == "hessian":
+        extra: dict[str, Any] = {}
+        if kind in ("hessian", "train_hessian"):
             out = fd_hessian(numbers, positions, cfg.level, cfg.fd_step, cfg.check_columns, cfg.limits)
             extra = {k: out[k] for k in ("hessian", "asym_rel", "sum_rule_rel", "step_rel", "fd_step")}
-        elif kind == "hvp":
-            probes = make_probes(cfg.probe_kind, cfg.num_probes, len(numbers), rng)
-            out = fd_hvp(numbers, positions, probes, cfg.level, cfg.fd_step)
-            extra = {"hvp_probes": probes, "hvps": out["hvps"], "fd_step": cfg.fd_step}
-        else:
-            out = xtb_singlepoint(numbers, positions, cfg.level)
-            extra = {}
+        if kind == "train_hessian":
+            h = np.asarray(out["hessian"]).reshape(3 * n, 3 * n)
+            h = 0.5 * (h + h.T)  # as phljax.datagen.labels.to_molecules stores it
+            for name, v in pool_probes(cfg, n, rng).items():
+                extra[f"pool_{name}_probes"] = v
+                extra[f"pool_{name}_hvps"] = (v.reshape(len(v), -1) @ h).reshape(v.shape)
+        elif kind == "pool":
+            pools = pool_probes(cfg, n, rng)
+            names = list(pools)
+            if names and cfg.pool_size:
+                out = fd_hvp(numbers, positions, np.concatenate([pools[k] for k in names]), cfg.level, cfg.fd_step)
+                for j, name in enumerate(names):
+                    extra[f"pool_{name}_probes"] = pools[name]
+                    extra[f"pool_{name}_hvps"] = out["hvps"][j * cfg.pool_size : (j + 1) * cfg.pool_size]
+                extra["fd_step"] = cfg.fd_step
+            else:
+                out = xtb_singlepoint(numbers, positions, cfg.level)
+        elif kind != "hessian":
+            raise ValueError(f"unknown label kind {kind!r}")
     except (SCFNotConvergedError, HessianCheckError) as err:
         _reject(stem, err, positions, labels=kind)
         return
@@ -399,7 +430,7 @@ def run_molecule(cfg: ScaleConfig, mol: ScaleMolecule, cache_dir: str, n_test: i
         if _stop_requested(cache_dir, sstem):
             return False
         rng = np.random.default_rng([cfg.seed, zlib.crc32(mol.name.encode()), k])  # the probes of sample k
-        split = "test" if kind == "hessian" else "train"
+        split = "test" if kind == "hessian" else "train"  # train_hessian and pool: training samples
         _label(sstem, cfg, kind, numbers, positions, {**meta, "category": "nms", "split": split, "index": k}, rng)
     return True
 
@@ -473,7 +504,7 @@ def _records(cache_dir: str, pattern: str) -> list[dict[str, Any]]:
 
 
 def assemble(cache_dir: str, out_dir: str, prefix: str = "xtb_scale") -> dict[str, Any]:
-    """Write ``<prefix>-train.h5``, ``-test.h5`` and ``-minima.h5`` (ANI layout, Hartree/Angstrom).
+    """Write ``<prefix>-train.h5``, ``-train-<kind>.h5`` per pool kind, ``-test.h5`` and ``-minima.h5``.
 
     Runs on a partial cache too; returns :func:`summarize` plus the written file names, and
     writes it to ``<cache_dir>/summary.json``.
@@ -485,6 +516,9 @@ def assemble(cache_dir: str, out_dir: str, prefix: str = "xtb_scale") -> dict[st
         "test": [r for r in samples if str(r["split"]) == "test"],
         "minima": _records(cache_dir, "minimum_hessian.npz"),
     }
+    kinds = sorted({k[len("pool_"):-len("_probes")] for r in parts["train"] for k in r if k.endswith("_probes")})
+    for kind in kinds:  # one training file per probe family: E, F and that family's pool as the stored probes
+        parts[f"train-{kind}"] = [_pool_record(r, kind) for r in parts["train"]]
     written = {}
     for part, recs in parts.items():
         if recs:
@@ -498,6 +532,15 @@ def assemble(cache_dir: str, out_dir: str, prefix: str = "xtb_scale") -> dict[st
     return summary
 
 
+def _pool_record(record: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A training record with its ``kind`` pool as the stored probes (``hvp_probes``/``hvps``), without H."""
+    where = f"{record.get('name')} nms_{int(record.get('index', -1)):03d}"
+    if f"pool_{kind}_probes" not in record:
+        raise ValueError(f"{where}: no '{kind}' probe pool (keys {sorted(record)})")
+    out = {k: v for k, v in record.items() if k != "hessian" and not k.startswith("pool_")}
+    return {**out, "hvp_probes": record[f"pool_{kind}_probes"], "hvps": record[f"pool_{kind}_hvps"]}
+
+
 def summarize(cache_dir: str) -> dict[str, Any]:
     """Counts per molecule and size bin, rejections, compute time, seconds per gradient (JSON-ready)."""
     cfg_path = os.path.join(cache_dir, "config.json")
@@ -507,7 +550,7 @@ def summarize(cache_dir: str) -> dict[str, Any]:
         d = os.path.join(cache_dir, mol.name)
         n = count_atoms(mol.smiles)
         info: dict[str, Any] = {"family": mol.family, "smiles": mol.smiles, "n_atoms": n,
-                                "size_bin": size_bin(n, cfg.size_bins), "n_train": 0, "n_test": 0, "n_hvp": 0,
+                                "size_bin": size_bin(n, cfg.size_bins), "n_train": 0, "n_test": 0, "n_train_hessian": 0,
                                 "rejected": []}  # fmt: skip
         per_gradient = []
         for path in sorted(glob.glob(os.path.join(d, "*.npz"))):
@@ -526,7 +569,7 @@ def summarize(cache_dir: str) -> dict[str, Any]:
             per_gradient.append(float(r["wall_total"]) / int(r["n_gradients"]))
             if name.startswith("nms_"):
                 info["n_test" if str(r["split"]) == "test" else "n_train"] += 1
-                info["n_hvp"] += str(r["labels"]) == "hvp"
+                info["n_train_hessian"] += str(r["labels"]) == "train_hessian"
         for path in sorted(glob.glob(os.path.join(d, "*.rejected.json"))):
             stem = os.path.basename(path).removesuffix(".rejected.json")
             info["rejected"].append(f"{stem}: {load_json(path)['reason']}")
@@ -537,11 +580,11 @@ def summarize(cache_dir: str) -> dict[str, Any]:
         molecules[mol.name] = info
     bins: dict[str, dict[str, int]] = {}
     for info in molecules.values():
-        b = bins.setdefault(info["size_bin"], {"molecules": 0, "train": 0, "test": 0, "hvp": 0})
+        b = bins.setdefault(info["size_bin"], {"molecules": 0, "train": 0, "test": 0, "train_hessian": 0})
         b["molecules"] += 1
         b["train"] += info["n_train"]
         b["test"] += info["n_test"]
-        b["hvp"] += info["n_hvp"]
+        b["train_hessian"] += info["n_train_hessian"]
     n_geom = sum(i["n_train"] + i["n_test"] for i in molecules.values())
     settled = n_geom + sum(i.get("n_settled", 0) for i in molecules.values())
     return {
