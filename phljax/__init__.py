@@ -36,7 +36,7 @@ from phljax.losses import (
 )
 from phljax.models import NequIP, build_model, make_energy_fn
 from phljax.potential import Potential
-from phljax.probes import batch_probes, hutchinson_variance, molecule_probes
+from phljax.probes import batch_probes, hutchinson_variance, molecule_probes, pool_draw
 from phljax.train import TrainState, make_optimizer, make_train_step, prepare, train
 
 __version__ = "0.1.0"

@@ -54,7 +54,7 @@ class Config:
     probe: str = _LOSS.probe  # none (E-F) | onehot | random | full (E-F-H)
     probe_dist: str = _LOSS.probe_dist  # gaussian | rademacher | orthogonal
     num_probes: int = _LOSS.num_probes
-    probe_mode: str = _LOSS.probe_mode  # randomized | fixed | data
+    probe_mode: str = _LOSS.probe_mode  # randomized | fixed | data | pool
     energy_weight: float = _LOSS.energy_weight
     force_weight: float = _LOSS.force_weight
     hessian_weight: float = _LOSS.hessian_weight

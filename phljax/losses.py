@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from phljax import derivatives
 from phljax.data.batching import GraphBatch
 from phljax.models.energy import EnergyFn
-from phljax.probes import RANDOM_DISTRIBUTIONS, batch_probes, probe_key
+from phljax.probes import RANDOM_DISTRIBUTIONS, batch_probes, pool_draw, probe_key
 
 __all__ = [
     "SCHEMES",
@@ -41,7 +41,9 @@ __all__ = [
 
 # --probe value -> scheme
 SCHEMES = {"none": "E-F", "onehot": "E-F-HVP one-hot", "random": "E-F-HVP random", "full": "E-F-H"}
-PROBE_MODES = ("randomized", "fixed", "data")  # new probes every step | one per molecule | stored in the data
+# new probes every step | one per molecule | the first K stored in the data | K drawn from the stored pool every step
+PROBE_MODES = ("randomized", "fixed", "data", "pool")
+STORED_PROBE_MODES = ("data", "pool")  # Hessian-free labels: probes and reference HVPs from the data
 ENERGY_NORMS = ("sqrt_atoms", "none", "atoms")
 #: The choice lists of `LossConfig`'s string fields (and so of the CLI flags of the same names).
 CHOICES = {
@@ -59,7 +61,7 @@ class LossConfig:
     probe: str = "random"  # one of SCHEMES: none | onehot | random | full
     probe_dist: str = "gaussian"  # for probe='random': gaussian | rademacher | orthogonal
     num_probes: int = 1  # K probes per molecule
-    probe_mode: str = "randomized"  # randomized | fixed | data (stored probes and reference HVPs)
+    probe_mode: str = "randomized"  # randomized | fixed | data | pool (the last two: stored probes and HVPs)
     energy_weight: float = 1.0
     force_weight: float = 0.30
     hessian_weight: float = 0.09
@@ -83,7 +85,7 @@ class LossConfig:
     @property
     def needs_hessian(self) -> bool:
         """Whether batches must carry reference Hessians."""
-        return self.probe == "full" or (self.uses_hvp and self.probe_mode != "data")
+        return self.probe == "full" or (self.uses_hvp and self.probe_mode not in STORED_PROBE_MODES)
 
 
 def _per_graph(x: jax.Array, batch: GraphBatch) -> jax.Array:
@@ -142,6 +144,8 @@ def make_loss_fn(energy_fn: EnergyFn, config: LossConfig, *, hessian_chunk: int 
         elif config.uses_hvp:
             if config.probe_mode == "data":
                 v, ref = batch.hvp_probes[: config.num_probes], batch.hvps[: config.num_probes]
+            elif config.probe_mode == "pool":
+                v, ref = pool_draw(key, config.num_probes, batch)
             else:
                 v = batch_probes(key, config.distribution, config.num_probes, batch)
                 ref = reference_hvp(batch, v)
@@ -167,4 +171,4 @@ def make_loss_fn(energy_fn: EnergyFn, config: LossConfig, *, hessian_chunk: int 
 
 def step_probe_key(seed_key: jax.Array, step: jax.Array, config: LossConfig) -> jax.Array:
     """The probe key of a training step under the configured regime."""
-    return probe_key(seed_key, step, config.probe_mode == "randomized")
+    return probe_key(seed_key, step, config.probe_mode in ("randomized", "pool"))

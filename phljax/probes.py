@@ -108,6 +108,29 @@ def batch_probes(key: jax.Array, distribution: str, num_probes: int, batch: Grap
     return jnp.swapaxes(v, 0, 1)
 
 
+def pool_draw(key: jax.Array, num_probes: int, batch: GraphBatch) -> tuple[jax.Array, jax.Array]:
+    """Draw K of each molecule's stored probes (without replacement) and their reference HVPs.
+
+    The randomized regime over a finite pool: ``batch.hvp_probes`` / ``batch.hvps`` [P, N, 3] hold
+    P stored probes per molecule (data with Hessian-free labels); each molecule, keyed by its global
+    index, draws its own K of them, fresh for every new ``key``.
+
+    Returns:
+        (probes [K, n_nodes, 3] dimensionless, reference HVPs [K, n_nodes, 3] eV/A^2).
+    """
+    pool = batch.hvp_probes.shape[0]
+    if not 1 <= num_probes <= pool:
+        raise ValueError(f"need 1 <= num_probes <= stored probes ({pool}), got {num_probes}")
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.maximum(batch.graph_index, 0))
+    order = jax.vmap(lambda k: jax.random.permutation(k, pool))(keys)[:, :num_probes]  # [G, K]
+    pick = order[batch.node_graph]  # [N, K]
+
+    def take(x):  # [P, N, 3] -> [K, N, 3]
+        return jnp.swapaxes(jnp.take_along_axis(jnp.swapaxes(x, 0, 1), pick[:, :, None], axis=1), 0, 1)
+
+    return take(batch.hvp_probes), take(batch.hvps)
+
+
 def _symmetric(a: jax.Array) -> jax.Array:  # [D, D]
     a = jnp.asarray(a)
     if a.ndim != 2 or a.shape[0] != a.shape[1]:

@@ -313,3 +313,37 @@ def test_variance_formulas_match_monte_carlo(x64, distribution, k):
     others = [float(phljax.hutchinson_variance(a, f, kk)) for f in DISTRIBUTIONS for kk in (1, k)]
     gaps = [abs(o - expected) for o in others if abs(o - expected) > 1e-12 * expected]
     assert 5 * se < 0.5 * min(gaps), "too few samples to tell this family's variance from another's"
+
+
+def test_pool_mode_draws_k_of_each_molecules_stored_probes(model64, curvature_batch, x64):
+    """probe_mode='pool': each molecule draws K of its own P stored probes, without replacement,
+    afresh each step; the reference HVPs travel with their probes; the loss is that of the draw."""
+    batch, blocks = curvature_batch
+    reference = curvature_batch[0]
+    stored = phljax.batch_probes(jax.random.PRNGKey(7), "rademacher", 4, batch)  # P = 4
+    batch = batch._replace(hvp_probes=stored, hvps=phljax.reference_hvp(batch, stored))
+    batch = batch._replace(hessian=jnp.zeros_like(batch.hessian))  # not read from stored labels
+    config = LossConfig(probe="random", num_probes=2, probe_mode="pool")
+    assert not config.needs_hessian
+    seed = jax.random.PRNGKey(3)
+    draws = []
+    for step in range(6):
+        key = step_probe_key(seed, jnp.int32(step), config)
+        v, ref = phljax.pool_draw(key, 2, batch)
+        np.testing.assert_allclose(ref, phljax.reference_hvp(reference, v), rtol=1e-12, atol=1e-12)
+        picks = []
+        for g in range(3):
+            nodes = np.asarray(batch.node_graph) == g
+            pool = np.asarray(stored)[:, nodes]
+            idx = [int(np.flatnonzero([np.array_equal(p, x) for p in pool])[0]) for x in np.asarray(v)[:, nodes]]
+            assert len(set(idx)) == 2  # without replacement
+            picks.append(tuple(idx))
+        draws.append(tuple(picks))
+        if step == 0:  # the curvature term is that of the drawn probes
+            _, (_, metrics) = phljax.make_loss_fn(model64.energy_fn, config)(model64.params, batch, key)
+            model_hv = phljax.reference_hvp(reference._replace(hessian=blocks), v)
+            lh = np.asarray(phljax.hvp_loss(model_hv, ref, reference))[:3]
+            np.testing.assert_allclose(metrics["hessian_loss"], lh.sum(), rtol=1e-10)
+    assert len(set(draws)) > 1  # fresh draws over steps
+    with pytest.raises(ValueError, match="num_probes <= stored probes"):
+        phljax.pool_draw(seed, 5, batch)

@@ -40,7 +40,7 @@ from phljax.evaluation import (
     stationary_metrics,
     test_subsets,
 )
-from phljax.losses import SCHEMES, LossConfig
+from phljax.losses import SCHEMES, STORED_PROBE_MODES, LossConfig
 from phljax.models import build_model, init_params, make_energy_fn
 from phljax.models.energy import EnergyFn
 from phljax.models.nequip import NequIP
@@ -107,15 +107,16 @@ def check_labels(molecules: Sequence[Molecule], loss_config: LossConfig) -> None
                 f"{where}: --probe={lc.probe} --probe-mode={lc.probe_mode} needs reference Hessians; "
                 "use --probe-mode=data for files with stored probes and HVPs"
             )
-        if lc.uses_hvp and lc.probe_mode == "data" and m.num_probes < lc.num_probes:
-            raise ValueError(f"{where}: --probe-mode=data needs {lc.num_probes} stored probes, has {m.num_probes}")
+        if lc.uses_hvp and lc.probe_mode in STORED_PROBE_MODES and m.num_probes < lc.num_probes:
+            raise ValueError(f"{where}: --probe-mode={lc.probe_mode} needs {lc.num_probes} stored probes, "
+                             f"has {m.num_probes}")  # fmt: skip
 
 
 def batch_budgets(molecules: Sequence[Molecule], config: Config, n_devices: int) -> tuple[BatchBudget, BatchBudget]:
     """(one device's training budget, the evaluation budget), sized for every record.
 
     Training batches carry reference Hessians only when the scheme needs them (E-F batches carry
-    none), stored probes only in `--probe-mode=data`; evaluation batches carry Hessians whenever
+    none), stored probes only in `--probe-mode=data` (the first K) or `pool` (all, K drawn per step); evaluation batches carry Hessians whenever
     every record has one.
     """
     lc = config.loss()
@@ -126,7 +127,7 @@ def batch_budgets(molecules: Sequence[Molecule], config: Config, n_devices: int)
         config.batch_size // n_devices,
         config.cutoff,
         with_hessian=has_hessian and lc.needs_hessian,
-        num_probes=config.num_probes if lc.probe_mode == "data" and num_stored else 0,
+        num_probes={"data": config.num_probes, "pool": num_stored}.get(lc.probe_mode, 0) if num_stored else 0,
     )
     return budget, dataclasses.replace(budget, with_hessian=has_hessian)
 
