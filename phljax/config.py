@@ -42,6 +42,7 @@ class Config:
     test_fraction: float = 0.1
     holdout: tuple[str, ...] = ()  # data categories kept out of train/val, all tested (e.g. irc nms)
     test_reactions: tuple[str, ...] = ()  # reactions (meta 'reaction') kept out of train/val, all tested
+    select: tuple[str, ...] = ()  # KEY=VALUE filters on the records' meta, all must hold (e.g. size_bin=10-15)
     # model (defaults: phljax.models.NequIP)
     elements: tuple[int, ...] = tuple(_MODEL["elements"])
     channels: int = _MODEL["channels"]

@@ -247,6 +247,20 @@ def test_holdout_categories_are_only_tested(molecules, tiny_config):
         phljax.prepare(tiny_config.replace(holdout=("ts",)), mols)
 
 
+def test_select_trains_on_the_matching_records_only(molecules, tiny_config):
+    """--select KEY=VALUE keeps the records whose meta matches (every filter), before the split."""
+    import dataclasses
+
+    mols = [dataclasses.replace(m, meta={**m.meta, "size_bin": "a" if i % 2 else "b"}) for i, m in enumerate(molecules)]
+    run = phljax.prepare(tiny_config.replace(select=("size_bin=a",)), mols)
+    assert {m.meta["size_bin"] for m in run.molecules} == {"a"} and len(run.molecules) == len(mols) // 2
+    assert sum(len(v) for v in run.splits.values()) == len(run.molecules)
+    with pytest.raises(ValueError, match=r"no record has size_bin = 'c' \(the data have \['a', 'b'\]\)"):
+        phljax.prepare(tiny_config.replace(select=("size_bin=c",)), mols)
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        phljax.prepare(tiny_config.replace(select=("size_bin",)), mols)
+
+
 def test_a_second_run_loads_its_programs_from_the_compile_cache(h5_path, tmp_path):
     """--compile-cache DIR: the first run stores its compiled steps, a second run of the same
     configuration (new work directory) compiles nothing new: every program comes from the cache."""

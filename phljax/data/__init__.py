@@ -13,6 +13,7 @@ from phljax.data.prepare import (
     load,
     mean_neighbors,
     split,
+    select_records,
     split_indices,
 )
 from phljax.data.records import Molecule, formula, to_atomic_numbers

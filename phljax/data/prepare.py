@@ -66,6 +66,25 @@ def split(n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -
     return tuple(np.sort(part) for part in np.split(order, bounds))
 
 
+def select_records(molecules: Sequence[Molecule], filters: Sequence[str]) -> list[Molecule]:
+    """The records whose ``meta`` matches every ``KEY=VALUE`` filter (values compared as strings).
+
+    Raises:
+        ValueError: a filter without '=', or one that no record matches (quoting the values the
+            data have for that key).
+    """
+    out = list(molecules)
+    for f in filters:
+        key, sep, value = f.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--select {f!r}: expected KEY=VALUE, e.g. size_bin=10-15")
+        have = sorted({str(m.meta[key]) for m in out if key in m.meta})
+        out = [m for m in out if str(m.meta.get(key, "")) == value]
+        if not out:
+            raise ValueError(f"--select {f!r}: no record has {key} = {value!r} (the data have {have or 'no ' + key})")
+    return out
+
+
 def split_indices(
     molecules: Sequence[Molecule],
     *,

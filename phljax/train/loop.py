@@ -154,7 +154,7 @@ def prepare(config: Config, molecules: Sequence[Molecule] | None = None) -> Run:
     if molecules is None:
         paths = list(config.data) or phdata.default_data()
         molecules = phdata.load(paths, energy_unit=config.energy_unit, length_unit=config.length_unit)
-    molecules = list(molecules)
+    molecules = phdata.select_records(molecules, config.select)
     phdata.check_elements(molecules, config.elements)
     loss_config = config.loss()
     splits = phdata.split_indices(
