@@ -44,9 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-test-per-bin", type=int, default=DEFAULT.n_test_per_bin,
                    help="samples per size bin labelled with a full FD Hessian (the test subset)")  # fmt: skip
     p.add_argument("--train-hessian-max-atoms", type=int, default=DEFAULT.train_hessian_max_atoms,
-                   help="training samples of molecules with <= this many atoms get full FD Hessians (0: none)")  # fmt: skip
+                   help="training samples of molecules with <= this many atoms get FD Hessians (0: none)")  # fmt: skip
     p.add_argument("--pool-kinds", default=",".join(DEFAULT.pool_kinds),
-                   help=f"comma-separated probe kinds of each training sample's pool, of {','.join(PROBE_KINDS)}")  # fmt: skip
+                   help=f"comma-separated probe kinds of each training pool, of {','.join(PROBE_KINDS)}")  # fmt: skip
     p.add_argument("--pool-size", type=int, default=DEFAULT.pool_size, help="probes per kind in each pool")
     p.add_argument("--fd-step", type=float, default=DEFAULT.fd_step, help="finite-difference step, Angstrom")
     p.add_argument("--fmax", type=float, default=DEFAULT.fmax, help="LBFGS convergence of the minima, eV/Angstrom")
@@ -60,7 +60,8 @@ def config(args: argparse.Namespace) -> scale.ScaleConfig:
     """The data set's configuration from the command line's settings."""
     return scale.ScaleConfig(
         level=XTBLevel(accuracy=args.accuracy), seed=args.seed, fmax=args.fmax, n_nms=args.n_nms,
-        temperature=args.temperature, n_test_per_bin=args.n_test_per_bin, train_hessian_max_atoms=args.train_hessian_max_atoms,
+        temperature=args.temperature, n_test_per_bin=args.n_test_per_bin,
+        train_hessian_max_atoms=args.train_hessian_max_atoms,
         pool_kinds=tuple(k for k in args.pool_kinds.split(",") if k), pool_size=args.pool_size, fd_step=args.fd_step,
     )  # fmt: skip
 

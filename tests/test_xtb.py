@@ -186,7 +186,7 @@ def test_builder_writes_files_that_phljax_data_reads(tiny_set):
     assert all(m.hvp_probes is None and m.hessian is not None for m in by_name["water"])
     assert all(m.hvp_probes is None and m.hessian is None for m in by_name["methane"])
     pools = {k: read_h5(os.path.join(out, f"tiny-train-{k}.h5")) for k in kinds}
-    for k, mols in pools.items():  # every training sample, that kind's probes, no Hessian
+    for mols in pools.values():  # every training sample, that kind's probes, no Hessian
         assert len(mols) == 4 and all(m.hessian is None and m.hvp_probes.shape[0] == 2 for m in mols)
     assert all(np.count_nonzero(m.hvp_probes.reshape(2, -1), axis=1).tolist() == [1, 1] for m in pools["onehot"])
     assert all(set(np.abs(m.hvp_probes).ravel()) == {1.0} for m in pools["rademacher"])

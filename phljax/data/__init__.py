@@ -12,8 +12,8 @@ from phljax.data.prepare import (
     force_rms,
     load,
     mean_neighbors,
-    split,
     select_records,
+    split,
     split_indices,
 )
 from phljax.data.records import Molecule, formula, to_atomic_numbers

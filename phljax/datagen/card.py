@@ -271,7 +271,10 @@ def render_scale_card(summary: dict[str, Any], prefix: str) -> str:
         f"{m.get('s_per_gradient', float('nan')):.3f} | {'; '.join(m['rejected'])} |"
         for name, m in sorted(mols.items(), key=lambda kv: kv[1]["n_atoms"])
     ]
-    bins = [f"| {b} | {c['molecules']} | {c['train']} | {c['test']} | {c['train_hessian']} |" for b, c in summary["bins"].items()]
+    bins = [
+        f"| {b} | {c['molecules']} | {c['train']} | {c['test']} | {c['train_hessian']} |"
+        for b, c in summary["bins"].items()
+    ]
     limits = cfg.get("limits", {})
     atoms = sorted(m["n_atoms"] for m in mols.values())
     size = f"{atoms[0]}-{atoms[-1]}" if atoms else "0"
@@ -304,7 +307,8 @@ DFT set's, and do not read its errors as DFT accuracy.
   translational sum rule max|sum_j H_ij|/max|H| <= {limits.get("max_sum_rule_rel")}, and
   {cfg.get("check_columns")} columns recomputed with step 2h agreeing to {limits.get("max_step_rel")} of max|H|.
 - Training samples (`{prefix}-train.h5`): E and F; for molecules of at most
-  {cfg.get("train_hessian_max_atoms")} atoms also the full checked Hessian (the randomized regime and E-F-H train on those).
+  {cfg.get("train_hessian_max_atoms")} atoms also the full checked Hessian (the randomized regime and E-F-H
+  train on those).
 - Probe pools of every training sample (`{prefix}-train-<kind>.h5`, one file per kind of
   {", ".join(cfg.get("pool_kinds", ()))}): {cfg.get("pool_size")} probes (`hvp_probes` [n_conf, K, N, 3], dimensionless,
   E[v v^T] = I; one-hot sqrt(3N) e_c) and their Hessian-vector products (`hvps`, Hartree/Angstrom^2): exact

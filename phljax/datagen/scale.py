@@ -516,7 +516,7 @@ def assemble(cache_dir: str, out_dir: str, prefix: str = "xtb_scale") -> dict[st
         "test": [r for r in samples if str(r["split"]) == "test"],
         "minima": _records(cache_dir, "minimum_hessian.npz"),
     }
-    kinds = sorted({k[len("pool_"):-len("_probes")] for r in parts["train"] for k in r if k.endswith("_probes")})
+    kinds = sorted({k[len("pool_") : -len("_probes")] for r in parts["train"] for k in r if k.endswith("_probes")})
     for kind in kinds:  # one training file per probe family: E, F and that family's pool as the stored probes
         parts[f"train-{kind}"] = [_pool_record(r, kind) for r in parts["train"]]
     written = {}

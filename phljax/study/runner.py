@@ -129,38 +129,64 @@ def run_study(
         folds = reaction_folds(dataset_reactions(list(base.data) or phdata.default_data()), study.n_folds)
     settings = open_study(root, base, study, folds)
     folds = settings["folds"] or ()
-    cells = study.cells()
+    jobs = [
+        Job(
+            os.path.join(cell.protocol, cell.name),
+            cell.workdir(root),
+            lambda cell=cell: train_fn(cell_config(cell, base, root, n_folds=study.n_folds, folds=folds)),
+        )
+        for cell in study.cells()
+    ]
+    return run_cells(root, jobs, keep_going=keep_going, log=log)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One cell for `run_cells`: its path relative to the root, its work directory, and the call
+    that makes it (train, or train then evaluate); done = `is_done(workdir)`."""
+
+    rel: str
+    workdir: str
+    make: Callable[[], object]
+    is_done: Callable[[str], bool] = _done
+
+
+def run_cells(
+    root: str, jobs: Sequence[Job], *, keep_going: bool = False, log: Callable[[str], None] = print
+) -> dict[str, list[str]]:
+    """Make each job not done yet, in order, under its work directory's lock; `<root>/STOP` stops
+    before the next. A failing job raises, or with `keep_going` is recorded in
+    `<workdir>/study_failed.json` and skipped. Returns {"trained" | "done" | "running" | "failed" |
+    "left": [rel paths]}."""
     outcome = {k: [] for k in ("trained", "done", "running", "failed", "left")}
-    for i, cell in enumerate(cells):
-        rel = os.path.join(cell.protocol, cell.name)
+    for i, job in enumerate(jobs):
         if os.path.exists(os.path.join(root, STOP)):
-            outcome["left"] += [os.path.join(c.protocol, c.name) for c in cells[i:] if not _done(c.workdir(root))]
+            outcome["left"] += [j.rel for j in jobs[i:] if not j.is_done(j.workdir)]
             log(f"{os.path.join(root, STOP)} found: stopping, {len(outcome['left'])} cells left")
             break
-        workdir = cell.workdir(root)
-        if _done(workdir):
-            outcome["done"].append(rel)
+        if job.is_done(job.workdir):
+            outcome["done"].append(job.rel)
             continue
-        if not acquire_lock(workdir):
-            outcome["running"].append(rel)
-            log(f"[{i + 1}/{len(cells)}] {rel}: locked by {_lock_info(workdir)[0]}, skipped")
+        if not acquire_lock(job.workdir):
+            outcome["running"].append(job.rel)
+            log(f"[{i + 1}/{len(jobs)}] {job.rel}: locked by {_lock_info(job.workdir)[0]}, skipped")
             continue
         try:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(workdir, FAILED))
-            epochs = len(cell_metrics(workdir))
-            log(f"[{i + 1}/{len(cells)}] {rel}: " + (f"resuming after epoch {epochs}" if epochs else "training"))
-            train_fn(cell_config(cell, base, root, n_folds=study.n_folds, folds=folds))
-            outcome["trained"].append(rel)
+                os.remove(os.path.join(job.workdir, FAILED))
+            epochs = len(cell_metrics(job.workdir))
+            log(f"[{i + 1}/{len(jobs)}] {job.rel}: " + (f"resuming after epoch {epochs}" if epochs else "training"))
+            job.make()
+            outcome["trained"].append(job.rel)
         except Exception as e:
             if not keep_going:
                 raise
-            with open(os.path.join(workdir, FAILED), "w") as f:
+            with open(os.path.join(job.workdir, FAILED), "w") as f:
                 json.dump({"error": repr(e), "traceback": traceback.format_exc(), "time": time.time()}, f, indent=2)
-            outcome["failed"].append(rel)
-            log(f"[{i + 1}/{len(cells)}] {rel}: failed ({e!r}), going on")
+            outcome["failed"].append(job.rel)
+            log(f"[{i + 1}/{len(jobs)}] {job.rel}: failed ({e!r}), going on")
         finally:
-            release_lock(workdir)
+            release_lock(job.workdir)
     return outcome
 
 

@@ -116,8 +116,8 @@ def batch_budgets(molecules: Sequence[Molecule], config: Config, n_devices: int)
     """(one device's training budget, the evaluation budget), sized for every record.
 
     Training batches carry reference Hessians only when the scheme needs them (E-F batches carry
-    none), stored probes only in `--probe-mode=data` (the first K) or `pool` (all, K drawn per step); evaluation batches carry Hessians whenever
-    every record has one.
+    none), stored probes only in `--probe-mode=data` (the first K) or `pool` (all, K drawn per
+    step); evaluation batches carry Hessians whenever every record has one.
     """
     lc = config.loss()
     has_hessian = all(m.hessian is not None for m in molecules)

@@ -1,0 +1,134 @@
+"""The size-scaling study: per size bin, E-F and E-F-HVP (one-hot, Gaussian, Rademacher; fixed and pool
+regimes) on the xTB scaling set's Hessian-free labels, and the one-probe estimator's variance on the
+trained models' error matrices against N (`phljax.study.scaling`).
+
+    python experiments/make_scale_data.py --assemble           # the set's files from its cache
+    nohup nice -n 10 python experiments/scaling.py --root results/scaling --seeds 3 \\
+        --channels 8 --lmax 1 --epochs 200 --batch-size 4 --no-progress >> results/scaling/log.txt 2>&1 &
+    python experiments/scaling.py --root results/scaling --status
+    touch results/scaling/STOP                                   # stop after the cell in flight
+    python experiments/scaling.py --root results/scaling --aggregate --plots results/scaling/plots
+
+Any run.py option sets the base config of every cell; the study sets each cell's bin (`--select
+size_bin=...`), training file, scheme, probes and seed. Bins: every bin of the test file (or
+`--bins`); E-F-H (`--schemes ... efh`) runs only in `--efh-bins` (bins whose training samples have
+Hessians). A cell is done when `<root>/<bin>/<cell>/scale_eval.json` exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from phljax.config import Config, config_parser, parse_args
+from phljax.data import load
+from phljax.study import scaling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def scaling_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False, add_help=False
+    )
+    p.add_argument("-h", "--help", action="store_true", help="this help and run.py's options")
+    p.add_argument("--root", default="results/scaling")
+    p.add_argument("--data-dir", default=os.path.join(ROOT, "data", "scale"), help="the scaling set's HDF5 files")
+    p.add_argument("--prefix", default="xtb_scale")
+    p.add_argument("--bins", nargs="+", help="size bins (default: every bin of the test file)")
+    p.add_argument(
+        "--schemes", nargs="+", default=["ef", "onehot", "gaussian", "rademacher"], choices=list(scaling.SCHEMES)
+    )
+    p.add_argument("--regimes", nargs="+", default=list(scaling.REGIMES), choices=list(scaling.REGIMES))
+    p.add_argument("--efh-bins", nargs="*", default=[], help="bins where E-F-H runs")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--keep-going", action="store_true", help="record a failing cell and go on")
+    p.add_argument("--status", action="store_true", help="print which cells are done, then exit")
+    p.add_argument("--aggregate", action="store_true", help="write <root>/aggregate.json, print the tables, exit")
+    p.add_argument("--plots", metavar="DIR", help="with --aggregate: PNGs into DIR")
+    return p
+
+
+def plot(agg: dict, root: str, out_dir: str) -> list[str]:
+    """rmse-vs-n.png (test H RMSE per bin, mean ± std over seeds, per scheme) and
+    variance-vs-n.png (closed-form one-probe variance per test geometry and family, E-F-trained
+    models, log-log, with the fitted exponents)."""
+    import matplotlib  # noqa: PLC0415 (optional: the dev extra)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    bins = agg["bins"]
+    keys = sorted({k for b in bins.values() for k in b["cells"]})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, q in zip(axes, ("energy_rmse", "forces_rmse", "hessian_rmse"), strict=True):
+        for k in keys:
+            pts = [(b["mean_atoms"], b["cells"][k][q]) for b in bins.values() if k in b["cells"]]
+            if pts:
+                n, st = zip(*pts, strict=True)
+                ax.errorbar(
+                    n, [s["mean"] for s in st], yerr=[s["std"] or 0 for s in st], marker="o", capsize=2, label=k
+                )
+        ax.set(xscale="log", xlabel="atoms (bin mean)", ylabel=f"test {q}")
+    axes[0].legend(fontsize="small")
+    fig.suptitle("scaling set: test RMSE per size bin (kcal/mol units), mean ± std over seeds")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "rmse-vs-n.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    geoms = scaling.geometries_by_scheme(root)
+    if "ef" in geoms:
+        rows = geoms["ef"]
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        n = [g["n_atoms"] for g in rows]
+        for fam in scaling.FAMILIES:
+            fit = agg["exponents"]["ef"][f"{fam}_formula"]
+            ax.loglog(n, [g["formula"][fam] for g in rows], "o", ms=3, alpha=0.6,
+                      label=f"{fam}: N^{fit['exponent']:.2f}")  # fmt: skip
+        ax.set(xlabel="atoms N", ylabel="Var[v^T A v], A = dH^T dH ((eV/A^2)^4)")
+        ax.legend(fontsize="small")
+        ax.set_title("one-probe estimator variance on E-F models' test error matrices")
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "variance-vs-n.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def main(argv: Sequence[str]) -> None:
+    args, rest = scaling_parser().parse_known_args(argv)
+    if args.help:
+        scaling_parser().print_help()
+        print("\nrun.py options (the base config of every cell):")
+        config_parser().print_help()
+        return
+    if args.aggregate or args.plots:
+        agg = scaling.aggregate(args.root)
+        print(scaling.render_tables(agg))
+        for path in plot(agg, args.root, args.plots) if args.plots else []:
+            print(f"wrote {path}")
+        return
+    base: Config = parse_args(rest)
+    paths = scaling.data_paths(args.data_dir, args.prefix)
+    missing = [p for p in paths.values() if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"missing data files {missing}: run experiments/make_scale_data.py (--assemble)")
+    bins = args.bins or sorted({str(m.meta["size_bin"]) for m in load([paths["test"]])}, key=scaling.bin_low)
+    grid = scaling.ScaleGrid(tuple(bins), tuple(args.schemes), tuple(args.regimes), args.seeds, tuple(args.efh_bins))
+    if args.status:
+        cells = grid.cells()
+        done = [c for c in cells if os.path.exists(os.path.join(c.workdir(args.root), scaling.EVAL))]
+        for c in cells:
+            print(f"{c.bin:>8} {c.name:<24} {'done' if c in done else 'left'}")
+        print(f"{len(done)}/{len(cells)} done")
+        return
+    outcome = scaling.run_scaling(args.root, base, grid, paths, keep_going=args.keep_going)
+    print({k: len(v) for k, v in outcome.items()})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,358 @@
+"""The size-scaling study (issue 19): does the one-hot / random probe gap widen with molecule size?
+
+Per size bin of the xTB scaling set (:mod:`phljax.datagen.scale`), one model per cell:
+
+- schemes: ``ef`` (E-F), ``onehot``, ``gaussian``, ``rademacher`` (E-F-HVP, K = 1) and ``efh``
+  (E-F-H, only in bins whose training samples carry Hessians);
+- HVP regimes over each training sample's stored pool of probes and reference HVPs
+  (Hessian-free labels, ``<prefix>-train-<kind>.h5``): ``fixed`` = the first stored probe for the
+  whole run (``--probe-mode data``), ``pool`` = one of the P stored probes drawn afresh every
+  step (``--probe-mode pool``);
+- seeds: seed s sets the initialisation, the train/validation split and the draws.
+
+After training, each cell's best model is evaluated on its bin's test subset (full FD Hessians,
+``<prefix>-test.h5``): E, F, H errors, and on every test geometry's error matrix
+A = dH^T dH (dH = H_model - H_ref, eV/A^2; the HVP loss divides it by D^2 = (3N)^2) the variance
+of the one-probe estimate v^T A v of tr(A) for each probe family, by the closed forms of
+:func:`phljax.probes.hutchinson_variance` and by Monte Carlo over drawn probes. If model errors
+are local, Rademacher/Gaussian variances grow like N and the one-hot one like N^2 (issue 19);
+:func:`aggregate` fits those exponents and compares the schemes per bin with paired t-tests.
+
+    <root>/scaling.json                     the settings (base config, grid, data)
+    <root>/<bin>/<scheme>[-<regime>]-s<seed>/   train's work directory + scale_eval.json (done)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from phljax.config import Config
+from phljax.data import Molecule, load, select_records
+from phljax.potential import Potential
+from phljax.probes import hutchinson_variance
+from phljax.study.runner import Job, run_cells
+from phljax.train import train
+from phljax.units import KCAL_MOL
+
+#: scheme -> (Config.probe, Config.probe_dist, pool kind of the training file or None for <prefix>-train.h5)
+SCHEMES = {
+    "ef": ("none", "gaussian", None),
+    "onehot": ("onehot", "gaussian", "onehot"),
+    "gaussian": ("random", "gaussian", "gaussian"),
+    "rademacher": ("random", "rademacher", "rademacher"),
+    "efh": ("full", "gaussian", None),
+}
+HVP_SCHEMES = ("onehot", "gaussian", "rademacher")
+REGIMES = {"fixed": "data", "pool": "pool"}  # regime -> Config.probe_mode
+FAMILIES = ("gaussian", "rademacher", "onehot")  # estimator families evaluated on every error matrix
+EVAL = "scale_eval.json"
+SETTINGS = "scaling.json"
+# (regime, scheme a, scheme b) compared per bin: one-hot against each random family
+PAIRS = tuple((r, "onehot", b) for r in REGIMES for b in ("gaussian", "rademacher"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleCell:
+    """One training run: a size bin, a scheme, an HVP regime (None for E-F and E-F-H), a seed."""
+
+    bin: str
+    scheme: str
+    regime: str | None
+    seed: int
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {list(SCHEMES)}, got {self.scheme!r}")
+        if (self.regime is None) != (self.scheme not in HVP_SCHEMES) or (self.regime and self.regime not in REGIMES):
+            raise ValueError(f"{self.scheme}: regime must be one of {list(REGIMES)} for HVP schemes, else None; "
+                             f"got {self.regime!r}")  # fmt: skip
+
+    @property
+    def key(self) -> str:
+        return self.scheme + (f"-{self.regime}" if self.regime else "")
+
+    @property
+    def name(self) -> str:
+        return f"{self.key}-s{self.seed}"
+
+    def workdir(self, root: str) -> str:
+        return os.path.join(root, self.bin, self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleGrid:
+    """The cells: seed-major (seed 0 of every bin and scheme first), then bins small to large."""
+
+    bins: tuple[str, ...]
+    schemes: tuple[str, ...] = ("ef", "onehot", "gaussian", "rademacher")
+    regimes: tuple[str, ...] = ("fixed", "pool")
+    seeds: int = 3
+    efh_bins: tuple[str, ...] = ()  # bins where E-F-H runs (training Hessians stored, memory fits)
+
+    def cells(self) -> list[ScaleCell]:
+        out = []
+        for seed in range(self.seeds):
+            for b in sorted(self.bins, key=bin_low):
+                for scheme in self.schemes:
+                    if scheme == "efh" and b not in self.efh_bins:
+                        continue
+                    for regime in self.regimes if scheme in HVP_SCHEMES else (None,):
+                        out.append(ScaleCell(b, scheme, regime, seed))
+        return out
+
+
+def bin_low(name: str) -> int:
+    """The lower edge of a size bin 'LO-HI'."""
+    return int(name.split("-")[0])
+
+
+def data_paths(data_dir: str, prefix: str) -> dict[str, str]:
+    """{'train', 'test', 'train-<kind>' for each pool kind}: the scaling set's files."""
+    out = {"train": f"{prefix}-train.h5", "test": f"{prefix}-test.h5"}
+    out |= {f"train-{k}": f"{prefix}-train-{k}.h5" for k in ("onehot", "gaussian", "rademacher")}
+    return {k: os.path.join(data_dir, v) for k, v in out.items()}
+
+
+def cell_config(cell: ScaleCell, base: Config, root: str, paths: dict[str, str]) -> Config:
+    """The cell's config: its bin (``select``), training file, scheme, probes and seed; no test split
+    (the bin's Hessian subset is the test, see :func:`evaluate_cell`)."""
+    probe, dist, kind = SCHEMES[cell.scheme]
+    return base.replace(
+        data=(paths[f"train-{kind}"] if kind else paths["train"],),
+        select=(f"size_bin={cell.bin}",),
+        test_fraction=0.0,
+        probe=probe,
+        probe_dist=dist,
+        probe_mode=REGIMES[cell.regime] if cell.regime else "randomized",
+        num_probes=1,
+        seed=cell.seed,
+        split_seed=cell.seed,
+        workdir=cell.workdir(root),
+    )
+
+
+def estimator_variances(dh: np.ndarray, rng: np.random.Generator, n_draws: int = 256) -> dict[str, Any]:
+    """Variance of the one-probe estimate v^T A v of tr(A), A = dH^T dH, per probe family.
+
+    Args:
+        dh: [D, D] Hessian error H_model - H_ref (eV/A^2), symmetrised.
+        rng: draws of the Monte Carlo check.
+        n_draws: probes per family for the empirical variance.
+
+    Returns:
+        ``trace`` tr(A), ``formula`` {family: closed form} and ``empirical`` {family: sample
+        variance of v^T A v over ``n_draws`` probes}, in (eV/A^2)^4; the HVP loss of a probe is
+        v^T A v / D^2, so its variance is these over D^4.
+    """
+    dh = 0.5 * (dh + dh.T)
+    a = dh.T @ dh
+    d = a.shape[0]
+    with jax.enable_x64(True):
+        formula = {f: float(hutchinson_variance(jnp.asarray(a), f)) for f in FAMILIES}
+    draws = {
+        "gaussian": rng.standard_normal((n_draws, d)),
+        "rademacher": rng.choice(np.array([-1.0, 1.0]), (n_draws, d)),
+        "onehot": np.sqrt(d) * np.eye(d)[rng.integers(0, d, n_draws)],
+    }
+    empirical = {f: float(np.var(np.einsum("ki,ij,kj->k", v, a, v), ddof=1)) for f, v in draws.items()}
+    return {"trace": float(np.trace(a)), "formula": formula, "empirical": empirical}
+
+
+def evaluate_cell(workdir: str, test: Sequence[Molecule], *, seed: int = 0, n_draws: int = 256) -> dict[str, Any]:
+    """Errors of the cell's best model on its bin's test geometries, and the estimator variances of
+    each geometry's error matrix (:func:`estimator_variances`); written to ``<workdir>/scale_eval.json``."""
+    potential = Potential.from_workdir(workdir)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for m in test:
+        e, f = potential.energy_and_forces(m.numbers, m.positions, dtype=np.float64)
+        h = potential.hessian(m.numbers, m.positions, dtype=np.float64)
+        n = m.n_atoms
+        dh = h - m.hessian.reshape(3 * n, 3 * n)
+        rows.append({
+            "name": m.meta.get("name"), "index": m.meta.get("index"), "n_atoms": n,
+            "energy_error_ev": float(e - m.energy), "forces_sq_sum": float(np.sum((f - m.forces) ** 2)),
+            "hessian_sq_sum": float(np.sum(dh**2)), **estimator_variances(dh, rng, n_draws),
+        })  # fmt: skip
+    out = {"geometries": rows, **summarize_errors(rows), "n_draws": n_draws}
+    with open(os.path.join(workdir, EVAL), "w") as fh:
+        json.dump(out, fh, indent=1)
+    return out
+
+
+def summarize_errors(rows: Sequence[dict]) -> dict[str, float]:
+    """E, F, H RMSE over the geometries (kcal/mol, kcal/mol/A, kcal/mol/A^2; element-wise for F and H)."""
+    n = np.array([r["n_atoms"] for r in rows], float)
+    e = np.array([r["energy_error_ev"] for r in rows])
+    f = sum(r["forces_sq_sum"] for r in rows) / np.sum(3 * n)
+    h = sum(r["hessian_sq_sum"] for r in rows) / np.sum((3 * n) ** 2)
+    return {
+        "energy_rmse": float(np.sqrt(np.mean(e**2)) / KCAL_MOL),
+        "forces_rmse": float(np.sqrt(f) / KCAL_MOL),
+        "hessian_rmse": float(np.sqrt(h) / KCAL_MOL),
+        "mean_atoms": float(n.mean()),
+    }
+
+
+def _is_evaluated(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, EVAL))
+
+
+def bin_test_set(paths: dict[str, str], bin_name: str) -> list[Molecule]:
+    """The bin's test geometries (with Hessians)."""
+    return select_records(load([paths["test"]]), [f"size_bin={bin_name}"])
+
+
+def run_scaling(
+    root: str,
+    base: Config,
+    grid: ScaleGrid,
+    paths: dict[str, str],
+    *,
+    train_fn: Callable[[Config], dict] = train,
+    keep_going: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, list[str]]:
+    """Train and evaluate the grid's cells in order, resumably (a cell is done when it has
+    ``scale_eval.json``; train resumes from its checkpoints; ``<root>/STOP`` stops before the next)."""
+    os.makedirs(root, exist_ok=True)
+    settings = {"base": json.loads(base.to_json()), "grid": dataclasses.asdict(grid), "paths": paths}
+    path = os.path.join(root, SETTINGS)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old["base"] != settings["base"]:
+            changed = sorted(k for k in settings["base"] if old["base"].get(k) != settings["base"][k])
+            raise ValueError(f"{path}: this root was run with another base config (differs in {changed})")
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=1)
+    tests: dict[str, list[Molecule]] = {}
+
+    def make(cell: ScaleCell) -> None:
+        config = cell_config(cell, base, root, paths)
+        if not os.path.exists(os.path.join(config.workdir, "results.json")):
+            train_fn(config)
+        if cell.bin not in tests:
+            tests[cell.bin] = bin_test_set(paths, cell.bin)
+        evaluate_cell(config.workdir, tests[cell.bin], seed=cell.seed)
+
+    jobs = [Job(os.path.join(c.bin, c.name), c.workdir(root), lambda c=c: make(c), _is_evaluated) for c in grid.cells()]
+    return run_cells(root, jobs, keep_going=keep_going, log=log)
+
+
+def _cells_done(root: str) -> dict[tuple[str, str], dict[int, dict]]:
+    """{(bin, key): {seed: scale_eval.json}} of the evaluated cells under ``root``."""
+    out: dict[tuple[str, str], dict[int, dict]] = {}
+    for b in sorted((d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))), key=bin_low):
+        for name in sorted(os.listdir(os.path.join(root, b))):
+            path = os.path.join(root, b, name, EVAL)
+            key, _, seed = name.rpartition("-s")
+            if os.path.exists(path) and seed.isdigit():
+                with open(path) as f:
+                    out.setdefault((b, key), {})[int(seed)] = json.load(f)
+    return out
+
+
+def _by_scheme(done: dict[tuple[str, str], dict[int, dict]]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for (_, key), seeds in done.items():
+        out.setdefault(key, []).extend(g for s in seeds.values() for g in s["geometries"])
+    return out
+
+
+def geometries_by_scheme(root: str) -> dict[str, list[dict]]:
+    """{cell key: every evaluated test geometry's row (errors, trace, variances) over bins and seeds}."""
+    return _by_scheme(_cells_done(root))
+
+
+def fit_exponent(n_atoms: Sequence[float], values: Sequence[float]) -> dict[str, float]:
+    """Least-squares slope of log(values) against log(N) with its standard error and 95% interval."""
+    x, y = np.log(np.asarray(n_atoms, float)), np.log(np.asarray(values, float))
+    fit = stats.linregress(x, y)
+    half = stats.t.ppf(0.975, len(x) - 2) * fit.stderr if len(x) > 2 else float("nan")
+    return {"exponent": float(fit.slope), "stderr": float(fit.stderr), "ci95": [float(fit.slope - half),
+            float(fit.slope + half)], "n_points": len(x)}  # fmt: skip
+
+
+def aggregate(root: str) -> dict[str, Any]:
+    """Per bin and cell key: mean/std over seeds of E, F, H RMSE; per bin and pair of
+    :data:`PAIRS`: paired t-test over seeds of the Hessian (and E, F) RMSE; per probe family:
+    exponents of the estimator variance against N over every evaluated test geometry (closed form
+    and Monte Carlo), per training scheme; written to ``<root>/aggregate.json``."""
+    done = _cells_done(root)
+    bins: dict[str, dict] = {}
+    for (b, key), seeds in done.items():
+        entry = bins.setdefault(b, {"cells": {}, "pairs": {}})
+        vals = {q: [s[q] for s in seeds.values()] for q in ("energy_rmse", "forces_rmse", "hessian_rmse")}
+        entry["mean_atoms"] = next(iter(seeds.values()))["mean_atoms"]
+        entry["cells"][key] = {
+            "n_seeds": len(seeds),
+            **{q: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None}
+               for q, v in vals.items()},
+        }  # fmt: skip
+    for (b, _), _ in done.items():
+        for regime, one, other in PAIRS:
+            ka, kb = f"{one}-{regime}", f"{other}-{regime}"
+            sa, sb = done.get((b, ka), {}), done.get((b, kb), {})
+            common = sorted(set(sa) & set(sb))
+            if len(common) < 2:
+                continue
+            pair = {"n_seeds": len(common)}
+            for q in ("energy_rmse", "forces_rmse", "hessian_rmse"):
+                xa, xb = np.array([sa[s][q] for s in common]), np.array([sb[s][q] for s in common])
+                pair[q] = {"change_pct": float(100 * np.mean(xb - xa) / np.mean(xa)),
+                           "p_value": float(stats.ttest_rel(xb, xa).pvalue)}  # fmt: skip
+            bins[b]["pairs"][f"{kb} vs {ka}"] = pair
+    exponents: dict[str, dict] = {}
+    for key, geoms in _by_scheme(done).items():
+        n = [g["n_atoms"] for g in geoms]
+        ex = {"trace": fit_exponent(n, [g["trace"] for g in geoms])}
+        for fam in FAMILIES:
+            ex[f"{fam}_formula"] = fit_exponent(n, [g["formula"][fam] for g in geoms])
+            ex[f"{fam}_empirical"] = fit_exponent(n, [g["empirical"][fam] for g in geoms])
+            ex[f"{fam}_relative"] = fit_exponent(n, [g["formula"][fam] / g["trace"] ** 2 for g in geoms])
+        ex["onehot_over_gaussian"] = fit_exponent(n, [g["formula"]["onehot"] / g["formula"]["gaussian"] for g in geoms])
+        exponents[key] = ex
+    out = {"bins": dict(sorted(bins.items(), key=lambda kv: bin_low(kv[0]))), "exponents": exponents}
+    with open(os.path.join(root, "aggregate.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+def render_tables(agg: dict[str, Any]) -> str:
+    """Markdown: test Hessian RMSE per bin and scheme (mean ± std, n), the pair tests, the exponents."""
+    keys = sorted({k for b in agg["bins"].values() for k in b["cells"]})
+    lines = ["| bin | mean N | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for b, entry in agg["bins"].items():
+        cells = []
+        for k in keys:
+            c = entry["cells"].get(k)
+            h = c and c["hessian_rmse"]
+            cells.append("–" if not c else f"{h['mean']:.2f}" + (f" ± {h['std']:.2f}" if h["std"] is not None else "")
+                         + f" (n={c['n_seeds']})")  # fmt: skip
+        lines.append(f"| {b} | {entry['mean_atoms']:.0f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| bin | comparison | n | H change | p | F change | p | E change | p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b, entry in agg["bins"].items():
+        for name, p in entry["pairs"].items():
+            q = [p[k] for k in ("hessian_rmse", "forces_rmse", "energy_rmse")]
+            lines.append(f"| {b} | {name} | {p['n_seeds']} | " + " | ".join(
+                f"{x['change_pct']:+.1f}% | {x['p_value']:.3f}" for x in q) + " |")  # fmt: skip
+    lines += ["", "| trained as | quantity | exponent of N | 95% CI | points |", "|---|---|---|---|---|"]
+    for key, ex in agg["exponents"].items():
+        for q, fit in ex.items():
+            lines.append(f"| {key} | {q} | {fit['exponent']:.2f} | [{fit['ci95'][0]:.2f}, {fit['ci95'][1]:.2f}] | "
+                         f"{fit['n_points']} |")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""The size-scaling study (phljax.study.scaling): estimator variances, and a 2-bin x 2-scheme x
+2-seed study end to end on a tiny real xTB set, its statistics checked by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import TINY
+from scipy import stats
+
+import phljax
+from phljax.study import scaling
+
+pytest.importorskip("tblite")
+pytest.importorskip("rdkit")
+
+from phljax.datagen import scale  # noqa: E402 (after the optional-dependency skips)
+
+
+def test_estimator_variances_match_monte_carlo_on_a_local_error_matrix():
+    rng = np.random.default_rng(0)
+    d = 30
+    dh = np.diag(rng.normal(size=d)) + 0.3 * np.diag(rng.normal(size=d - 1), 1)
+    out = scaling.estimator_variances(dh, rng, n_draws=40000)
+    a = (0.5 * (dh + dh.T)).T @ (0.5 * (dh + dh.T))
+    assert out["trace"] == pytest.approx(np.trace(a))
+    np.testing.assert_allclose(out["formula"]["gaussian"], 2 * np.sum(a**2))
+    np.testing.assert_allclose(out["formula"]["rademacher"], 2 * (np.sum(a**2) - np.sum(np.diag(a) ** 2)))
+    np.testing.assert_allclose(out["formula"]["onehot"], d * np.sum(np.diag(a) ** 2) - np.trace(a) ** 2)
+    for fam, v in out["formula"].items():
+        assert out["empirical"][fam] == pytest.approx(v, rel=0.1), fam
+
+
+def test_fit_exponent_recovers_a_power_law():
+    n = np.array([10, 20, 40, 80, 160.0])
+    noise = np.exp(np.random.default_rng(1).normal(0, 0.1, n.size))
+    fit = scaling.fit_exponent(n, 3.0 * n**1.7 * noise)
+    assert fit["exponent"] == pytest.approx(1.7, abs=0.15) and fit["ci95"][0] <= 1.7 <= fit["ci95"][1]
+
+
+def test_cells_and_their_configs(tmp_path):
+    grid = scaling.ScaleGrid(("4-9", "1-3"), ("ef", "onehot", "efh"), ("fixed", "pool"), 2, efh_bins=("1-3",))
+    names = [(c.bin, c.name) for c in grid.cells()]
+    assert names[:4] == [("1-3", "ef-s0"), ("1-3", "onehot-fixed-s0"), ("1-3", "onehot-pool-s0"), ("1-3", "efh-s0")]
+    assert ("4-9", "efh-s0") not in names and len(names) == 2 * (4 + 3)
+    paths = scaling.data_paths("d", "p")
+    c = scaling.cell_config(scaling.ScaleCell("1-3", "rademacher", "pool", 1), phljax.Config(), str(tmp_path), paths)
+    assert c.data == (os.path.join("d", "p-train-rademacher.h5"),) and c.select == ("size_bin=1-3",)
+    assert (c.probe, c.probe_dist, c.probe_mode, c.num_probes, c.seed, c.split_seed) == (
+        "random",
+        "rademacher",
+        "pool",
+        1,
+        1,
+        1,
+    )
+    assert c.test_fraction == 0 and c.workdir == os.path.join(str(tmp_path), "1-3", "rademacher-pool-s1")
+    with pytest.raises(ValueError, match="regime"):
+        scaling.ScaleCell("1-3", "ef", "pool", 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_scaling(tmp_path_factory):
+    """Water (3 atoms) and ammonia + methane (4, 5) through the xTB builder (2 test + 4 training
+    samples each, pools of 3), then 2 bins x {one-hot, Gaussian} pool regime x 2 seeds, 1 epoch."""
+    cfg = scale.ScaleConfig(
+        molecules=(scale.ScaleMolecule("water", "O", "tiny"), scale.ScaleMolecule("ammonia", "N", "tiny"),
+                   scale.ScaleMolecule("methane", "C", "alkane")),
+        n_nms=6, n_test_per_bin=4, train_hessian_max_atoms=0, pool_size=3, size_bins=(1, 4, 10),
+    )  # fmt: skip
+    root = tmp_path_factory.mktemp("scaling")
+    cache, data = str(root / "cache"), str(root / "data")
+    scale.run(cfg, cache)
+    scale.assemble(cache, data, "tiny")
+    base = phljax.Config(epochs=1, batch_size=2, progress=False, val_fraction=0.25, **TINY)
+    grid = scaling.ScaleGrid(("1-3", "4-9"), ("onehot", "gaussian"), ("pool",), 2)
+    out = str(root / "study")
+    outcome = scaling.run_scaling(out, base, grid, scaling.data_paths(data, "tiny"), log=lambda s: None)
+    return out, outcome
+
+
+def test_mini_scaling_study_end_to_end(tiny_scaling):
+    root, outcome = tiny_scaling
+    assert len(outcome["trained"]) == 8 and not outcome["failed"]
+    agg = scaling.aggregate(root)
+    assert list(agg["bins"]) == ["1-3", "4-9"]
+    evals = {}
+    for b in ("1-3", "4-9"):
+        for key in ("onehot-pool", "gaussian-pool"):
+            for s in (0, 1):
+                with open(os.path.join(root, b, f"{key}-s{s}", scaling.EVAL)) as f:
+                    evals[b, key, s] = json.load(f)
+    assert {g["n_atoms"] for s in (0, 1) for g in evals["4-9", "onehot-pool", s]["geometries"]} == {4, 5}
+    for b in ("1-3", "4-9"):  # the paired statistics, by hand
+        xa = np.array([evals[b, "onehot-pool", s]["hessian_rmse"] for s in (0, 1)])
+        xb = np.array([evals[b, "gaussian-pool", s]["hessian_rmse"] for s in (0, 1)])
+        pair = agg["bins"][b]["pairs"]["gaussian-pool vs onehot-pool"]
+        assert pair["n_seeds"] == 2
+        assert pair["hessian_rmse"]["change_pct"] == pytest.approx(100 * np.mean(xb - xa) / np.mean(xa))
+        assert pair["hessian_rmse"]["p_value"] == pytest.approx(stats.ttest_rel(xb, xa).pvalue)
+        cell = agg["bins"][b]["cells"]["onehot-pool"]["hessian_rmse"]
+        assert cell["mean"] == pytest.approx(xa.mean()) and cell["std"] == pytest.approx(xa.std(ddof=1))
+    # the RMSE of a cell from its rows: element-wise over the bin's test Hessians
+    ev = evals["4-9", "gaussian-pool", 0]
+    dof2 = sum((3 * g["n_atoms"]) ** 2 for g in ev["geometries"])
+    h = np.sqrt(sum(g["hessian_sq_sum"] for g in ev["geometries"]) / dof2) / phljax.units.KCAL_MOL
+    assert ev["hessian_rmse"] == pytest.approx(h)
+    ex = agg["exponents"]["onehot-pool"]
+    assert ex["gaussian_formula"]["n_points"] == 2 * (4 + 4) and np.isfinite(ex["onehot_over_gaussian"]["exponent"])
+    assert "gaussian-pool vs onehot-pool" in scaling.render_tables(agg)
+    # rerunning does nothing: every cell is evaluated
+    with open(os.path.join(root, scaling.SETTINGS)) as f:
+        paths = json.load(f)["paths"]
+    base = phljax.Config(epochs=1, batch_size=2, progress=False, val_fraction=0.25, **TINY)
+    grid = scaling.ScaleGrid(("1-3", "4-9"), ("onehot", "gaussian"), ("pool",), 2)
+    again = scaling.run_scaling(root, base, grid, paths, log=lambda s: None)
+    assert len(again["done"]) == 8 and not again["trained"]
