@@ -1,7 +1,14 @@
-"""Labelling cost per geometry: analytic Hessian vs finite-difference HVPs, against molecule size.
+"""Labelling cost per geometry: a Hessian vs K finite-difference HVPs, against molecule size.
 
     OMP_NUM_THREADS=2 python experiments/label_cost.py --out data/dft_cache/label_cost.json
     python experiments/label_cost.py --molecules H2O CH3CHO --num-probes 4      # a quick subset
+    OMP_NUM_THREADS=1 python experiments/label_cost.py --level xtb --out data/xtb_cache/label_cost.json
+
+`--level xtb` (the scaling set's GFN2-xTB, `scale` extra): for one molecule of each size bin of
+`phljax.datagen.scale` (RDKit conformer, no relaxation: cost does not depend on it), the wall time
+of one analytic gradient (median of --repeats), of K FD HVPs (1 + 2K gradients) and of the FD
+Hessian (1 + 6N gradients: measured up to --max-hessian-atoms atoms, beyond that the gradient
+count times the gradient time, marked `hessian_estimated`).
 
 For each molecule (ase's g2 geometry, slightly distorted off its minimum with a fixed seed) at
 the data set's level of theory, it times (1) the analytic route: SCF + gradient + analytic
@@ -21,12 +28,15 @@ import time
 
 import numpy as np
 
+from phljax.datagen import scale, xtb
 from phljax.datagen.dft import LevelOfTheory, fd_hvp, fd_hvp_error, label_geometry
 from phljax.datagen.labels import make_probes
 from phljax.datagen.reactions import ReactionConfig
 from phljax.datagen.sampling import distorted_g2
 
 DEFAULT = ["H2O", "H2CO", "HCOOH", "CH3OH", "CH3CHO", "CH3CH2OH", "C6H6"]
+#: one molecule per size bin of the scaling set (alkanes: one family, so size is the only change), and its largest
+XTB_DEFAULT = ["propane", "hexane", "decane", "hexadecane", "tetracosane", "triacontane", "pentacontane", "peg24"]
 
 
 def measure(name: str, level: LevelOfTheory, num_probes: int, step: float, seed: int) -> dict:
@@ -49,17 +59,72 @@ def measure(name: str, level: LevelOfTheory, num_probes: int, step: float, seed:
     }
 
 
+def measure_xtb(name: str, num_probes: int, repeats: int, max_hessian_atoms: int, seed: int) -> dict:
+    """GFN2-xTB label cost of one scaling-set molecule (see the module docstring)."""
+    mol = {m.name: m for m in scale.SCALE_MOLECULES}[name]
+    numbers, pos = scale.conformer(mol.smiles, 0, name)
+    rng = np.random.default_rng(seed)
+    xtb.singlepoint(numbers, pos)  # warm up (library load, first allocation)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        xtb.singlepoint(numbers, pos + 1e-3 * rng.standard_normal(pos.shape))
+        times.append(time.perf_counter() - t0)
+    t_grad = float(np.median(times))
+    n = len(numbers)
+    probes = make_probes("gaussian", num_probes, n, rng)
+    t0 = time.perf_counter()
+    out = xtb.fd_hvp(numbers, pos, probes)
+    hvp_s = time.perf_counter() - t0
+    row = {"name": name, "n_atoms": n, "gradient_s": t_grad, "gradient_s_all": times, "hvp_s": hvp_s,
+           "hvp_gradients": int(out["n_gradients"]), "hessian_gradients": 1 + 6 * n, "num_probes": num_probes}  # fmt: skip
+    if n <= max_hessian_atoms:
+        t0 = time.perf_counter()
+        xtb.fd_hessian(numbers, pos, check_columns=0)
+        row |= {"hessian_s": time.perf_counter() - t0, "hessian_estimated": False}
+    else:
+        row |= {"hessian_s": (1 + 6 * n) * t_grad, "hessian_estimated": True}
+    return row
+
+
+def main_xtb(args, argv) -> dict:
+    rows = []
+    for name in args.molecules or XTB_DEFAULT:
+        rows.append(measure_xtb(name, args.num_probes, args.repeats, args.max_hessian_atoms, args.seed))
+        r = rows[-1]
+        print(f"{name:14s} {r['n_atoms']:4d} atoms  gradient {r['gradient_s']:7.3f} s  HVP(K={r['num_probes']}) "
+              f"{r['hvp_s']:7.2f} s  Hessian {r['hessian_s']:8.1f} s{' (est.)' if r['hessian_estimated'] else ''}  "
+              f"ratio {r['hessian_s'] / r['hvp_s']:6.1f}", flush=True)  # fmt: skip
+        result = {
+            "command": "python experiments/label_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": f"{platform.processor() or platform.machine()}, OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average before {os.getloadavg()[0]:.2f}",
+            "level": xtb.XTBLevel().describe(),
+            "rows": rows,
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--molecules", nargs="+", default=DEFAULT, help="ase g2 names")
+    p.add_argument(
+        "--level", choices=["dft", "xtb"], default="dft", help="the reaction set's DFT or the scaling set's xTB"
+    )
+    p.add_argument("--molecules", nargs="+", help=f"ase g2 names (dft, default {DEFAULT}) or scaling-set names (xtb)")
+    p.add_argument("--repeats", type=int, default=5, help="xtb: gradient timings (median)")
+    p.add_argument("--max-hessian-atoms", type=int, default=60, help="xtb: measure the FD Hessian up to this size")
     p.add_argument("--num-probes", type=int, default=ReactionConfig.num_probes, help="K, as the data set's")
     p.add_argument("--fd-step", type=float, default=ReactionConfig.fd_step, help="Angstrom, as the data set's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="label_cost.json")
     args = p.parse_args(argv)
+    if args.level == "xtb":
+        return main_xtb(args, argv)
     level = LevelOfTheory()
     rows = []
-    for name in args.molecules:
+    for name in args.molecules or DEFAULT:
         rows.append(measure(name, level, args.num_probes, args.fd_step, args.seed))
         r = rows[-1]
         print(f"{name:10s} {r['n_atoms']:3d} atoms  Hessian {r['hessian_s']:7.1f} s  E+F {r['gradient_s']:6.1f} s  "
