@@ -77,7 +77,8 @@ def measure_xtb(name: str, num_probes: int, repeats: int, max_hessian_atoms: int
     out = xtb.fd_hvp(numbers, pos, probes)
     hvp_s = time.perf_counter() - t0
     row = {"name": name, "n_atoms": n, "gradient_s": t_grad, "gradient_s_all": times, "hvp_s": hvp_s,
-           "hvp_gradients": int(out["n_gradients"]), "hessian_gradients": 1 + 6 * n, "num_probes": num_probes}  # fmt: skip
+           "hvp_gradients": int(out["n_gradients"]), "hessian_gradients": 1 + 6 * n,
+           "num_probes": num_probes}  # fmt: skip
     if n <= max_hessian_atoms:
         t0 = time.perf_counter()
         xtb.fd_hessian(numbers, pos, check_columns=0)
@@ -112,7 +113,7 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--level", choices=["dft", "xtb"], default="dft", help="the reaction set's DFT or the scaling set's xTB"
     )
-    p.add_argument("--molecules", nargs="+", help=f"ase g2 names (dft, default {DEFAULT}) or scaling-set names (xtb)")
+    p.add_argument("--molecules", nargs="+", help=f"ase g2 names (dft, default {DEFAULT}) or scaling-set names")
     p.add_argument("--repeats", type=int, default=5, help="xtb: gradient timings (median)")
     p.add_argument("--max-hessian-atoms", type=int, default=60, help="xtb: measure the FD Hessian up to this size")
     p.add_argument("--num-probes", type=int, default=ReactionConfig.num_probes, help="K, as the data set's")
