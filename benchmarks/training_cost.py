@@ -4,6 +4,7 @@
     python benchmarks/training_cost.py --atoms 14 --rounds 30 --out /tmp/14.json        # re-measure one size
     python benchmarks/training_cost.py --atoms 1000 --schemes E-F "E-F-HVP random K=1" --out big.json
     python benchmarks/training_cost.py --atoms 14 --flops-only --hessian-chunks 0 --out /tmp/flops.json  # no timing
+    python benchmarks/training_cost.py --molecules pentacontane peg24 --compile-only --out real.json  # real molecules
 
 Timing follows benchmarks/hygiene.py: at each size every scheme (and each E-F-H chunk size in
 --hessian-chunks; the fastest is kept, every trial recorded) compiles in its own persistent worker
@@ -13,8 +14,9 @@ median of the per-round ratios to E-F with its interquartile range. The load ave
 after is recorded (`hygiene.load_before/after`); `loaded` marks a record whose rounds saw other
 processes use > 0.05 cores per core (`hygiene.foreign_cpu`). Geometries are
 synthetic: C/H/N/O atoms packed in a sphere at 0.1 atoms/A^3 (organic-molecule density) with
->= 1 A separations; labels are zeros (timings need no DFT). Up to --large atoms a step sees
---batch-size molecules, beyond it one.
+>= 1 A separations; labels are zeros (timings need no DFT). With --molecules, the batch is instead
+copies of a molecule of the scaling set (`phljax.datagen.scale`, its RDKit conformer; `scale`
+extra), each record naming it. Up to --large atoms a step sees --batch-size molecules, beyond it one.
 
 E-F-H is given its best shot: one shared forward pass, the 3A Hessian columns of the whole batch as
 HVPs pushed through one linearisation, `chunk` columns at a time (0 = all 3A in one vmap).
@@ -85,8 +87,30 @@ def synthetic_molecule(n_atoms: int, seed: int):
     )
 
 
-def setup(probe: str, num_probes: int, n_atoms: int, batch_size: int, model_kwargs: dict):
-    """Molecules, padded batch, model, parameters and loss config of one configuration."""
+def scale_molecule(name: str, seed: int):
+    """A `Molecule` of the scaling set by name: its RDKit conformer (jittered by 0.01 A with `seed`),
+    zero labels."""
+    import numpy as np
+
+    from phljax.data import Molecule
+    from phljax.datagen import scale
+
+    smiles = {m.name: m.smiles for m in scale.SCALE_MOLECULES}[name]
+    numbers, positions = scale.conformer(smiles, 0, name)
+    positions = positions + 0.01 * np.random.default_rng(seed).standard_normal(positions.shape)
+    n = len(numbers)
+    return Molecule(numbers, positions, 0.0, np.zeros((n, 3)), np.zeros((n, 3, n, 3), np.float32))
+
+
+def molecule_atoms(name: str) -> int:
+    from phljax.datagen import scale
+
+    return scale.count_atoms({m.name: m.smiles for m in scale.SCALE_MOLECULES}[name])
+
+
+def setup(probe: str, num_probes: int, n_atoms: int, batch_size: int, model_kwargs: dict, molecule: str | None = None):
+    """Molecules, padded batch, model, parameters and loss config of one configuration (synthetic
+    molecules of `n_atoms`, or copies of the scaling set's `molecule`)."""
     import jax
     import jax.numpy as jnp
 
@@ -95,7 +119,9 @@ def setup(probe: str, num_probes: int, n_atoms: int, batch_size: int, model_kwar
     from phljax.models import build_model, init_params
 
     cutoff = model_kwargs.get("cutoff", 5.0)
-    mols = [synthetic_molecule(n_atoms, seed) for seed in range(batch_size)]
+    mols = [
+        scale_molecule(molecule, seed) if molecule else synthetic_molecule(n_atoms, seed) for seed in range(batch_size)
+    ]
     loss_config = LossConfig(probe=probe, num_probes=max(num_probes, 1))
     budget = phdata.budget_for(mols, batch_size, cutoff, with_hessian=loss_config.needs_hessian)
     batch = jax.tree.map(jnp.asarray, phdata.make_batch(mols, budget, cutoff))
@@ -149,6 +175,7 @@ def compile_step(
     model_kwargs: dict,
     chunk: int | None,
     remat: str = "none",
+    molecule: str | None = None,
 ):
     """The jitted train step of one configuration, compiled: (compiled, jitted, state, batch, monitor,
     traces, info). `traces()` counts traces of the step so far; info: n_edges, n_params, compile_time_s.
@@ -166,7 +193,7 @@ def compile_step(
     from phljax.train import make_optimizer, make_train_step
     from phljax.train.step import TrainState
 
-    _, batch, model, params, loss_config = setup(probe, num_probes, n_atoms, batch_size, model_kwargs)
+    _, batch, model, params, loss_config = setup(probe, num_probes, n_atoms, batch_size, model_kwargs, molecule)
     optimizer = make_optimizer(1e-3)
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(1))
     energy_fn = make_energy_fn(model)
@@ -200,6 +227,7 @@ def measure(
     model_kwargs: dict,
     chunk: int | None,
     remat: str = "none",
+    molecule: str | None = None,
 ) -> tuple[dict, Callable[[], None], Callable[[], int]]:
     """Compile one configuration's train step (AdamW update included) in this process.
 
@@ -211,10 +239,11 @@ def measure(
     import jax
 
     compiled, jitted, state, batch, monitor, traces, info = compile_step(
-        probe, num_probes, n_atoms, batch_size, model_kwargs, chunk, remat
+        probe, num_probes, n_atoms, batch_size, model_kwargs, chunk, remat, molecule
     )
     record = {
         "n_atoms": n_atoms,
+        "molecule": molecule,
         "batch_size": batch_size,
         "num_probes": num_probes,
         "n_edges": info["n_edges"],
@@ -263,6 +292,7 @@ def _worker_cmd(probe: str, k: int, n: int, args, chunk: int = 0, mode: str = "-
         args.remat,
         "--compile-cache",
         args.compile_cache,
+        *(["--molecule", args.molecule] if getattr(args, "molecule", None) else []),
     ]
 
 
@@ -293,7 +323,7 @@ def run_worker(cmd: list[str], timeout: float) -> dict:
 def compile_one(label: str, probe: str, k: int, n: int, args) -> dict:
     """Compile (no timing) one scheme at one size; E-F-H: every chunk in --hessian-chunks, the one
     with the fewest FLOPs (--flops-only) or the least XLA memory kept."""
-    head = {"scheme": label, "n_atoms": n, "num_probes": k, "batch_size": batch_for(n, args)}
+    head = {"scheme": label, "n_atoms": n, "molecule": args.molecule, "num_probes": k, "batch_size": batch_for(n, args)}
     if probe != "full":
         return {**head, **run_worker(_worker_cmd(probe, k, n, args), args.timeout)}
     trials = {str(c or 3 * n): run_worker(_worker_cmd(probe, k, n, args, c), args.timeout) for c in _chunks(n, args)}
@@ -368,7 +398,13 @@ def time_size(n: int, args, log=print) -> list[dict]:
     for label, probe, k in SCHEMES:
         if label not in args.schemes:
             continue
-        head = {"scheme": label, "n_atoms": n, "num_probes": k, "batch_size": batch_for(n, args)}
+        head = {
+            "scheme": label,
+            "n_atoms": n,
+            "molecule": args.molecule,
+            "num_probes": k,
+            "batch_size": batch_for(n, args),
+        }
         names = [c[0] for c in configs if c[1] == label]
         ok = [x for x in names if x in records]
         if not ok:
@@ -597,6 +633,8 @@ def plot(records: list[dict], path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--atoms", type=int, nargs="+", default=[5, 14, 30, 60, 120, 250])
+    p.add_argument("--molecules", nargs="+", help="scaling-set molecules instead of synthetic ones (replaces --atoms)")
+    p.add_argument("--molecule", help=argparse.SUPPRESS)  # a worker's molecule
     p.add_argument("--schemes", nargs="+", default=[s[0] for s in SCHEMES], help="labels to run")
     p.add_argument("--out", default="benchmarks/results/training_cost.json")
     p.add_argument("--batch-size", type=int, default=8, help="molecules per step up to --large atoms")
@@ -665,7 +703,14 @@ def main(argv=None) -> None:
         probe, k, n = args.worker or args.serve
         model_kwargs = {"channels": args.channels, "lmax": args.lmax, "num_layers": args.num_layers}
         record, step, traces = measure(
-            probe, int(k), int(n), args.batch_size, model_kwargs, args.hessian_chunks[0] or None, args.remat
+            probe,
+            int(k),
+            int(n),
+            args.batch_size,
+            model_kwargs,
+            args.hessian_chunks[0] or None,
+            args.remat,
+            args.molecule,
         )
         record["compile_cache"] = args.compile_cache
         if args.worker:
@@ -679,7 +724,9 @@ def main(argv=None) -> None:
     for path in args.from_json or []:
         with open(path) as f:
             records += json.load(f)
-    for n in [] if args.from_json else args.atoms:
+    sizes = [(molecule_atoms(m), m) for m in args.molecules] if args.molecules else [(n, None) for n in args.atoms]
+    for n, molecule in [] if args.from_json else sizes:
+        args.molecule = molecule  # the workers' --molecule
         if args.compile_only or args.flops_only:
             for label, probe, k in SCHEMES:
                 if label in args.schemes:
