@@ -11,8 +11,13 @@ trained models' error matrices against N (`phljax.study.scaling`).
 
 Any run.py option sets the base config of every cell; the study sets each cell's bin (`--select
 size_bin=...`), training file, scheme, probes and seed. Bins: every bin of the test file (or
-`--bins`); E-F-H (`--schemes ... efh`) runs only in `--efh-bins` (bins whose training samples have
-Hessians). A cell is done when `<root>/<bin>/<cell>/scale_eval.json` exists.
+`--bins`); E-F-H (`--schemes ... efh`) and the `randomized` regime run only in `--hessian-bins`
+(bins whose training samples have Hessians). Orthogonal against i.i.d. Gaussian probes at equal K:
+
+    python experiments/scaling.py --root results/scaling --schemes gaussian orthogonal --regimes randomized \
+        --num-probes 4 --bins 10-15 16-24 25-39 --hessian-bins 10-15 16-24 25-39 ... (the same base flags)
+
+A cell is done when `<root>/<bin>/<cell>/scale_eval.json` exists.
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ def scaling_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--schemes", nargs="+", default=["ef", "onehot", "gaussian", "rademacher"], choices=list(scaling.SCHEMES)
     )
-    p.add_argument("--regimes", nargs="+", default=list(scaling.REGIMES), choices=list(scaling.REGIMES))
-    p.add_argument("--efh-bins", nargs="*", default=[], help="bins where E-F-H runs")
+    p.add_argument("--regimes", nargs="+", default=["fixed", "pool"], choices=list(scaling.REGIMES))
+    p.add_argument("--hessian-bins", nargs="*", default=[],
+                   help="bins with training Hessians: E-F-H and the randomized regime run there")  # fmt: skip
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--num-probes", type=int, default=1, help="K of the HVP schemes (cells of K != 1: -k<K>)")
     p.add_argument("--keep-going", action="store_true", help="record a failing cell and go on")
     p.add_argument("--status", action="store_true", help="print which cells are done, then exit")
     p.add_argument("--aggregate", action="store_true", help="write <root>/aggregate.json, print the tables, exit")
@@ -118,7 +125,9 @@ def main(argv: Sequence[str]) -> None:
     if missing:
         raise SystemExit(f"missing data files {missing}: run experiments/make_scale_data.py (--assemble)")
     bins = args.bins or sorted({str(m.meta["size_bin"]) for m in load([paths["test"]])}, key=scaling.bin_low)
-    grid = scaling.ScaleGrid(tuple(bins), tuple(args.schemes), tuple(args.regimes), args.seeds, tuple(args.efh_bins))
+    grid = scaling.ScaleGrid(
+        tuple(bins), tuple(args.schemes), tuple(args.regimes), args.seeds, tuple(args.hessian_bins), args.num_probes
+    )
     if args.status:
         cells = grid.cells()
         done = [c for c in cells if os.path.exists(os.path.join(c.workdir(args.root), scaling.EVAL))]

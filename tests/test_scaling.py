@@ -32,6 +32,8 @@ def test_estimator_variances_match_monte_carlo_on_a_local_error_matrix():
     np.testing.assert_allclose(out["formula"]["onehot"], d * np.sum(np.diag(a) ** 2) - np.trace(a) ** 2)
     for fam, v in out["formula"].items():
         assert out["empirical"][fam] == pytest.approx(v, rel=0.1), fam
+    assert out["k"] == 4 and out["k_probe"]["gaussian"] == pytest.approx(out["formula"]["gaussian"] / 4)
+    assert 0 < out["k_probe"]["orthogonal"] < out["k_probe"]["gaussian"]
 
 
 def test_fit_exponent_recovers_a_power_law():
@@ -42,10 +44,19 @@ def test_fit_exponent_recovers_a_power_law():
 
 
 def test_cells_and_their_configs(tmp_path):
-    grid = scaling.ScaleGrid(("4-9", "1-3"), ("ef", "onehot", "efh"), ("fixed", "pool"), 2, efh_bins=("1-3",))
+    grid = scaling.ScaleGrid(("4-9", "1-3"), ("ef", "onehot", "orthogonal", "efh"), ("fixed", "pool", "randomized"),
+                             2, hessian_bins=("1-3",), num_probes=4)  # fmt: skip
     names = [(c.bin, c.name) for c in grid.cells()]
-    assert names[:4] == [("1-3", "ef-s0"), ("1-3", "onehot-fixed-s0"), ("1-3", "onehot-pool-s0"), ("1-3", "efh-s0")]
-    assert ("4-9", "efh-s0") not in names and len(names) == 2 * (4 + 3)
+    assert names[:6] == [
+        ("1-3", "ef-s0"),
+        ("1-3", "onehot-fixed-k4-s0"),
+        ("1-3", "onehot-pool-k4-s0"),
+        ("1-3", "onehot-randomized-k4-s0"),
+        ("1-3", "orthogonal-randomized-k4-s0"),
+        ("1-3", "efh-s0"),
+    ]
+    assert ("4-9", "efh-s0") not in names and ("4-9", "orthogonal-randomized-k4-s0") not in names
+    assert len(names) == 2 * (6 + 3)  # fmt: skip
     paths = scaling.data_paths("d", "p")
     c = scaling.cell_config(scaling.ScaleCell("1-3", "rademacher", "pool", 1), phljax.Config(), str(tmp_path), paths)
     assert c.data == (os.path.join("d", "p-train-rademacher.h5"),) and c.select == ("size_bin=1-3",)
@@ -58,8 +69,13 @@ def test_cells_and_their_configs(tmp_path):
         1,
     )
     assert c.test_fraction == 0 and c.workdir == os.path.join(str(tmp_path), "1-3", "rademacher-pool-s1")
+    c = scaling.cell_config(scaling.ScaleCell("1-3", "orthogonal", "randomized", 0, 4), phljax.Config(), "r", paths)
+    assert c.data == (os.path.join("d", "p-train.h5"),) and (c.probe_dist, c.probe_mode, c.num_probes) == (
+        "orthogonal", "randomized", 4)  # fmt: skip
     with pytest.raises(ValueError, match="regime"):
         scaling.ScaleCell("1-3", "ef", "pool", 0)
+    with pytest.raises(ValueError, match="no stored pool"):
+        scaling.ScaleCell("1-3", "orthogonal", "pool", 0)
 
 
 @pytest.fixture(scope="module")

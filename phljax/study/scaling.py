@@ -2,12 +2,14 @@
 
 Per size bin of the xTB scaling set (:mod:`phljax.datagen.scale`), one model per cell:
 
-- schemes: ``ef`` (E-F), ``onehot``, ``gaussian``, ``rademacher`` (E-F-HVP, K = 1) and ``efh``
-  (E-F-H, only in bins whose training samples carry Hessians);
+- schemes: ``ef`` (E-F), ``onehot``, ``gaussian``, ``rademacher``, ``orthogonal`` (E-F-HVP with
+  K probes, default 1) and ``efh`` (E-F-H, only in bins whose training samples carry Hessians);
 - HVP regimes over each training sample's stored pool of probes and reference HVPs
-  (Hessian-free labels, ``<prefix>-train-<kind>.h5``): ``fixed`` = the first stored probe for the
-  whole run (``--probe-mode data``), ``pool`` = one of the P stored probes drawn afresh every
-  step (``--probe-mode pool``);
+  (Hessian-free labels, ``<prefix>-train-<kind>.h5``): ``fixed`` = the first K stored probes for
+  the whole run (``--probe-mode data``), ``pool`` = K of the P stored probes drawn afresh every
+  step (``--probe-mode pool``); and ``randomized`` (new probes every step from the stored
+  Hessians, ``<prefix>-train.h5``: only in bins whose training samples carry Hessians, the only
+  regime of ``orthogonal``, which has no pool);
 - seeds: seed s sets the initialisation, the train/validation split and the draws.
 
 After training, each cell's best model is evaluated on its bin's test subset (full FD Hessians,
@@ -43,21 +45,28 @@ from phljax.study.runner import Job, run_cells
 from phljax.train import train
 from phljax.units import KCAL_MOL
 
-#: scheme -> (Config.probe, Config.probe_dist, pool kind of the training file or None for <prefix>-train.h5)
+#: scheme -> (Config.probe, Config.probe_dist)
 SCHEMES = {
-    "ef": ("none", "gaussian", None),
-    "onehot": ("onehot", "gaussian", "onehot"),
-    "gaussian": ("random", "gaussian", "gaussian"),
-    "rademacher": ("random", "rademacher", "rademacher"),
-    "efh": ("full", "gaussian", None),
+    "ef": ("none", "gaussian"),
+    "onehot": ("onehot", "gaussian"),
+    "gaussian": ("random", "gaussian"),
+    "rademacher": ("random", "rademacher"),
+    "orthogonal": ("random", "orthogonal"),
+    "efh": ("full", "gaussian"),
 }
-HVP_SCHEMES = ("onehot", "gaussian", "rademacher")
-REGIMES = {"fixed": "data", "pool": "pool"}  # regime -> Config.probe_mode
+HVP_SCHEMES = ("onehot", "gaussian", "rademacher", "orthogonal")
+POOL_KINDS = ("onehot", "gaussian", "rademacher")  # the schemes with stored pools (<prefix>-train-<kind>.h5)
+REGIMES = {"fixed": "data", "pool": "pool", "randomized": "randomized"}  # regime -> Config.probe_mode
+HESSIAN_REGIMES = ("randomized",)  # regimes that train on stored Hessians
 FAMILIES = ("gaussian", "rademacher", "onehot")  # estimator families evaluated on every error matrix
 EVAL = "scale_eval.json"
 SETTINGS = "scaling.json"
-# (regime, scheme a, scheme b) compared per bin: one-hot against each random family
-PAIRS = tuple((r, "onehot", b) for r in REGIMES for b in ("gaussian", "rademacher"))
+# (key a, key b) compared per bin: one-hot against each random family per regime, and K = 4
+# orthogonal against K = 4 i.i.d. Gaussian probes (randomized regime)
+PAIRS = (
+    *((f"onehot-{r}", f"{b}-{r}") for r in REGIMES for b in ("gaussian", "rademacher")),
+    ("gaussian-randomized-k4", "orthogonal-randomized-k4"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +77,7 @@ class ScaleCell:
     scheme: str
     regime: str | None
     seed: int
+    num_probes: int = 1  # K (HVP schemes)
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -75,10 +85,13 @@ class ScaleCell:
         if (self.regime is None) != (self.scheme not in HVP_SCHEMES) or (self.regime and self.regime not in REGIMES):
             raise ValueError(f"{self.scheme}: regime must be one of {list(REGIMES)} for HVP schemes, else None; "
                              f"got {self.regime!r}")  # fmt: skip
+        if self.regime and self.regime not in HESSIAN_REGIMES and self.scheme not in POOL_KINDS:
+            raise ValueError(f"{self.scheme} has no stored pool: its only regime is {HESSIAN_REGIMES}")
 
     @property
     def key(self) -> str:
-        return self.scheme + (f"-{self.regime}" if self.regime else "")
+        k = f"-k{self.num_probes}" if self.regime and self.num_probes != 1 else ""
+        return self.scheme + (f"-{self.regime}" if self.regime else "") + k
 
     @property
     def name(self) -> str:
@@ -96,17 +109,24 @@ class ScaleGrid:
     schemes: tuple[str, ...] = ("ef", "onehot", "gaussian", "rademacher")
     regimes: tuple[str, ...] = ("fixed", "pool")
     seeds: int = 3
-    efh_bins: tuple[str, ...] = ()  # bins where E-F-H runs (training Hessians stored, memory fits)
+    hessian_bins: tuple[str, ...] = ()  # bins whose training samples carry Hessians: E-F-H, the randomized regime
+    num_probes: int = 1  # K of the HVP schemes
 
     def cells(self) -> list[ScaleCell]:
+        """Every valid cell: E-F-H and the randomized regime only in ``hessian_bins``; the fixed and
+        pool regimes only for schemes with a stored pool."""
         out = []
         for seed in range(self.seeds):
             for b in sorted(self.bins, key=bin_low):
                 for scheme in self.schemes:
-                    if scheme == "efh" and b not in self.efh_bins:
+                    if scheme == "efh" and b not in self.hessian_bins:
                         continue
                     for regime in self.regimes if scheme in HVP_SCHEMES else (None,):
-                        out.append(ScaleCell(b, scheme, regime, seed))
+                        if regime in HESSIAN_REGIMES and b not in self.hessian_bins:
+                            continue
+                        if regime and regime not in HESSIAN_REGIMES and scheme not in POOL_KINDS:
+                            continue
+                        out.append(ScaleCell(b, scheme, regime, seed, self.num_probes if regime else 1))
         return out
 
 
@@ -118,30 +138,34 @@ def bin_low(name: str) -> int:
 def data_paths(data_dir: str, prefix: str) -> dict[str, str]:
     """{'train', 'test', 'train-<kind>' for each pool kind}: the scaling set's files."""
     out = {"train": f"{prefix}-train.h5", "test": f"{prefix}-test.h5"}
-    out |= {f"train-{k}": f"{prefix}-train-{k}.h5" for k in ("onehot", "gaussian", "rademacher")}
+    out |= {f"train-{k}": f"{prefix}-train-{k}.h5" for k in POOL_KINDS}
     return {k: os.path.join(data_dir, v) for k, v in out.items()}
 
 
 def cell_config(cell: ScaleCell, base: Config, root: str, paths: dict[str, str]) -> Config:
     """The cell's config: its bin (``select``), training file, scheme, probes and seed; no test split
     (the bin's Hessian subset is the test, see :func:`evaluate_cell`)."""
-    probe, dist, kind = SCHEMES[cell.scheme]
+    probe, dist = SCHEMES[cell.scheme]
+    pooled = cell.regime is not None and cell.regime not in HESSIAN_REGIMES
     return base.replace(
-        data=(paths[f"train-{kind}"] if kind else paths["train"],),
+        data=(paths[f"train-{cell.scheme}"] if pooled else paths["train"],),
         select=(f"size_bin={cell.bin}",),
         test_fraction=0.0,
         probe=probe,
         probe_dist=dist,
         probe_mode=REGIMES[cell.regime] if cell.regime else "randomized",
-        num_probes=1,
+        num_probes=cell.num_probes,
         seed=cell.seed,
         split_seed=cell.seed,
         workdir=cell.workdir(root),
     )
 
 
-def estimator_variances(dh: np.ndarray, rng: np.random.Generator, n_draws: int = 256) -> dict[str, Any]:
-    """Variance of the one-probe estimate v^T A v of tr(A), A = dH^T dH, per probe family.
+def estimator_variances(
+    dh: np.ndarray, rng: np.random.Generator, n_draws: int = 256, num_probes: int = 4
+) -> dict[str, Any]:
+    """Variance of the one-probe estimate v^T A v of tr(A), A = dH^T dH, per probe family, and of
+    the K-probe estimate for K i.i.d. Gaussian against K orthogonalised probes.
 
     Args:
         dh: [D, D] Hessian error H_model - H_ref (eV/A^2), symmetrised.
@@ -151,20 +175,23 @@ def estimator_variances(dh: np.ndarray, rng: np.random.Generator, n_draws: int =
     Returns:
         ``trace`` tr(A), ``formula`` {family: closed form} and ``empirical`` {family: sample
         variance of v^T A v over ``n_draws`` probes}, in (eV/A^2)^4; the HVP loss of a probe is
-        v^T A v / D^2, so its variance is these over D^4.
+        v^T A v / D^2, so its variance is these over D^4. ``k_probe``: {'gaussian', 'orthogonal':
+        closed form of the K = ``num_probes`` estimate}, ``k`` = K.
     """
     dh = 0.5 * (dh + dh.T)
     a = dh.T @ dh
     d = a.shape[0]
     with jax.enable_x64(True):
         formula = {f: float(hutchinson_variance(jnp.asarray(a), f)) for f in FAMILIES}
+        k_probe = {f: float(hutchinson_variance(jnp.asarray(a), f, num_probes)) for f in ("gaussian", "orthogonal")}
     draws = {
         "gaussian": rng.standard_normal((n_draws, d)),
         "rademacher": rng.choice(np.array([-1.0, 1.0]), (n_draws, d)),
         "onehot": np.sqrt(d) * np.eye(d)[rng.integers(0, d, n_draws)],
     }
     empirical = {f: float(np.var(np.einsum("ki,ij,kj->k", v, a, v), ddof=1)) for f, v in draws.items()}
-    return {"trace": float(np.trace(a)), "formula": formula, "empirical": empirical}
+    return {"trace": float(np.trace(a)), "formula": formula, "empirical": empirical, "k_probe": k_probe,
+            "k": num_probes}  # fmt: skip
 
 
 def evaluate_cell(workdir: str, test: Sequence[Molecule], *, seed: int = 0, n_draws: int = 256) -> dict[str, Any]:
@@ -299,9 +326,8 @@ def aggregate(root: str) -> dict[str, Any]:
             **{q: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None}
                for q, v in vals.items()},
         }  # fmt: skip
-    for (b, _), _ in done.items():
-        for regime, one, other in PAIRS:
-            ka, kb = f"{one}-{regime}", f"{other}-{regime}"
+    for b in bins:
+        for ka, kb in PAIRS:
             sa, sb = done.get((b, ka), {}), done.get((b, kb), {})
             common = sorted(set(sa) & set(sb))
             if len(common) < 2:
@@ -321,6 +347,10 @@ def aggregate(root: str) -> dict[str, Any]:
             ex[f"{fam}_empirical"] = fit_exponent(n, [g["empirical"][fam] for g in geoms])
             ex[f"{fam}_relative"] = fit_exponent(n, [g["formula"][fam] / g["trace"] ** 2 for g in geoms])
         ex["onehot_over_gaussian"] = fit_exponent(n, [g["formula"]["onehot"] / g["formula"]["gaussian"] for g in geoms])
+        kk = [g for g in geoms if "k_probe" in g]  # (evaluations before the K-probe columns have none)
+        if len(kk) > 2:
+            ratio = [g["k_probe"]["orthogonal"] / g["k_probe"]["gaussian"] for g in kk]
+            ex["orthogonal_over_gaussian_k"] = fit_exponent([g["n_atoms"] for g in kk], ratio)
         exponents[key] = ex
     out = {"bins": dict(sorted(bins.items(), key=lambda kv: bin_low(kv[0]))), "exponents": exponents}
     with open(os.path.join(root, "aggregate.json"), "w") as f:
