@@ -611,3 +611,25 @@ def test_time_to_target_takes_the_loosest_curvature_run_and_counts_training_time
     ratio = ttt["efh_over_hvp_epoch_time"]["efhvp-random-randomized"]  # median epoch times, paired seeds
     assert ratio["values"] == pytest.approx([20.0, 24.0])
     assert "Time to a validation Hessian RMSE of 65" in st.render_tables(st.aggregate(str(tmp_path)), min_seeds=1)
+
+
+def test_checkpoint_selection_reads_the_selected_epoch_and_the_best_of_any_epoch(tmp_path):
+    """Selected = validation E at the logged epoch nearest the lowest validation loss; its cost =
+    selected minus the run's best E at any logged epoch; vs E-F: best-any-epoch minus E-F's selected."""
+
+    def cell(name, val_loss, energy):
+        workdir = tmp_path / "extrapolate" / name
+        workdir.mkdir(parents=True)
+        (workdir / "results.json").write_text("{}")
+        lines = [{"epoch": i + 1, "val_loss": v, **({"val_energy_rmse": e * KCAL_MOL} if e else {})}
+                 for i, (v, e) in enumerate(zip(val_loss, energy, strict=True))]  # fmt: skip
+        (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+    cell("ef-s0", [5, 4, 3, 3.5], [9, None, 4, 2])  # selected epoch 3: 4; best any 2
+    cell("efhvp-random-randomized-s0", [5, 2, 3, 4], [9, None, 7, 6])  # best loss epoch 2: nearest logged 1 or 3
+    sel = st.stats.checkpoint_selection(str(tmp_path), "extrapolate")
+    ef, hvp = sel["cells"]["ef"], sel["cells"]["efhvp-random-randomized"]
+    assert ef["at_selected"]["values"] == pytest.approx([4.0]) and ef["selection_cost"]["values"] == pytest.approx([2.0])
+    assert hvp["at_selected"]["values"] == pytest.approx([9.0])  # epoch 1 is as near as 3: the first wins
+    assert sel["vs_ef"]["efhvp-random-randomized"]["values"] == pytest.approx([6.0 - 4.0])
+    assert "Checkpoint selection" in st.render_tables(st.aggregate(str(tmp_path)), min_seeds=1)

@@ -191,6 +191,7 @@ def aggregate(root: str) -> dict:
             "cells": cells,
             "pairs": pairs,
             "time_to_target": time_to_target(root, protocol),
+            "checkpoint_selection": checkpoint_selection(root, protocol),
         }
     with open(os.path.join(root, "aggregate.json"), "w") as f:
         json.dump(out, f, indent=2, allow_nan=False)
@@ -255,6 +256,69 @@ def time_to_target(root: str, protocol: str, quantity: str = "hessian_rmse") -> 
             if common:
                 ratios[key] = _stats({s: efh[s] / hvp[s] for s in common})
     return {"quantity": quantity, "target": target, "cells": cells, "efh_over_hvp_epoch_time": ratios}
+
+
+def checkpoint_selection(root: str, protocol: str, quantity: str = "energy_rmse") -> dict:
+    """What choosing the checkpoint by validation loss costs in one validation RMSE (kcal/mol units).
+
+    For each finished run: the validation `quantity` at the logged epoch nearest the best
+    validation-loss epoch (the checkpoint that is evaluated), and its minimum over the run. If a
+    curvature run's minimum at any epoch stays above E-F's selected value (same seed), the
+    selection rule cannot explain its loss in that quantity.
+
+    Returns:
+        {"quantity", "cells": {key: {"at_selected": stats, "best_any_epoch": stats,
+        "selection_cost": stats}}, "vs_ef": {key: stats of (best_any_epoch - E-F at_selected),
+        paired seeds}} (stats as `_stats`).
+    """
+    column = f"val_{quantity}"
+    per_key: dict[str, dict[int, tuple[float, float]]] = {}
+    folder = os.path.join(root, protocol)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        cell = Cell.parse(protocol, name)
+        if not cell or cell_results(cell.workdir(root)) is None:
+            continue
+        lines = cell_metrics(cell.workdir(root))
+        logged = [line for line in lines if column in line]
+        if not logged:
+            continue
+        best = min(lines, key=lambda line: line["val_loss"])["epoch"]
+        selected = min(logged, key=lambda line: abs(line["epoch"] - best))[column] / KCAL_MOL
+        per_key.setdefault(cell.key, {})[cell.seed] = (selected, min(line[column] for line in logged) / KCAL_MOL)
+    cells = {
+        key: {
+            "at_selected": _stats({s: a for s, (a, _) in seeds.items()}),
+            "best_any_epoch": _stats({s: b for s, (_, b) in seeds.items()}),
+            "selection_cost": _stats({s: a - b for s, (a, b) in seeds.items()}),
+        }
+        for key, seeds in ((k, per_key[k]) for k in _ordered(per_key, list(_KEYS)))
+    }
+    ef = per_key.get("ef", {})
+    vs_ef = {}
+    for key, seeds in per_key.items():
+        common = sorted(set(seeds) & set(ef))
+        if key != "ef" and common:
+            vs_ef[key] = _stats({s: seeds[s][1] - ef[s][0] for s in common})
+    return {"quantity": quantity, "cells": cells, "vs_ef": vs_ef}
+
+
+def _selection_table(sel: dict | None) -> list[str]:
+    if not sel or not sel["cells"]:
+        return []
+    q = sel["quantity"]
+    out = [
+        f"### Checkpoint selection: validation {q} at the selected (best validation loss) epoch and at "
+        "its best epoch; last column: best-at-any-epoch minus E-F's selected value, paired seeds",
+        "",
+        "| scheme | n | selected | best at any epoch | selection cost | best any epoch - E-F selected |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, c in sel["cells"].items():
+        d = sel["vs_ef"].get(key)
+        diff = "–" if d is None else f"{_num(d['mean'])} ± {_num(d['std'])} (min {_num(min(d['values']))})"
+        out.append(f"| {_label(key)} | {c['at_selected']['n']} | {_num(c['at_selected']['mean'])} | "
+                   f"{_num(c['best_any_epoch']['mean'])} | {_num(c['selection_cost']['mean'])} | {diff} |")  # fmt: skip
+    return [*out, ""]
 
 
 def _num(x: float | None) -> str:
@@ -357,6 +421,7 @@ def render_tables(agg: dict, min_seeds: int = 3) -> str:
                 out.append(f"| {label} | {n} | " + " | ".join(_pair_entries(pair, columns, min_seeds)) + " |")
             out.append("")
         out += _target_table(protocol.get("time_to_target"))
+        out += _selection_table(protocol.get("checkpoint_selection"))
     return "\n".join(out)
 
 
