@@ -629,7 +629,9 @@ def test_checkpoint_selection_reads_the_selected_epoch_and_the_best_of_any_epoch
     cell("efhvp-random-randomized-s0", [5, 2, 3, 4], [9, None, 7, 6])  # best loss epoch 2: nearest logged 1 or 3
     sel = st.stats.checkpoint_selection(str(tmp_path), "extrapolate")
     ef, hvp = sel["cells"]["ef"], sel["cells"]["efhvp-random-randomized"]
-    assert ef["at_selected"]["values"] == pytest.approx([4.0]) and ef["selection_cost"]["values"] == pytest.approx([2.0])
+    assert ef["at_selected"]["values"] == pytest.approx([4.0]) and ef["selection_cost"]["values"] == pytest.approx(
+        [2.0]
+    )
     assert hvp["at_selected"]["values"] == pytest.approx([9.0])  # epoch 1 is as near as 3: the first wins
     assert sel["vs_ef"]["efhvp-random-randomized"]["values"] == pytest.approx([6.0 - 4.0])
     assert "Checkpoint selection" in st.render_tables(st.aggregate(str(tmp_path)), min_seeds=1)
