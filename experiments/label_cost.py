@@ -88,24 +88,16 @@ def measure_xtb(name: str, num_probes: int, repeats: int, max_hessian_atoms: int
     return row
 
 
-def main_xtb(args, argv) -> dict:
-    rows = []
-    for name in args.molecules or XTB_DEFAULT:
-        rows.append(measure_xtb(name, args.num_probes, args.repeats, args.max_hessian_atoms, args.seed))
-        r = rows[-1]
-        print(f"{name:14s} {r['n_atoms']:4d} atoms  gradient {r['gradient_s']:7.3f} s  HVP(K={r['num_probes']}) "
-              f"{r['hvp_s']:7.2f} s  Hessian {r['hessian_s']:8.1f} s{' (est.)' if r['hessian_estimated'] else ''}  "
-              f"ratio {r['hessian_s'] / r['hvp_s']:6.1f}", flush=True)  # fmt: skip
-        result = {
-            "command": "python experiments/label_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{platform.processor() or platform.machine()}, OMP_NUM_THREADS="
-            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average before {os.getloadavg()[0]:.2f}",
-            "level": xtb.XTBLevel().describe(),
-            "rows": rows,
-        }
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+def _xtb_line(r: dict) -> str:
+    return (f"{r['name']:14s} {r['n_atoms']:4d} atoms  gradient {r['gradient_s']:7.3f} s  HVP(K={r['num_probes']}) "
+            f"{r['hvp_s']:7.2f} s  Hessian {r['hessian_s']:8.1f} s{' (est.)' if r['hessian_estimated'] else ''}  "
+            f"ratio {r['hessian_s'] / r['hvp_s']:6.1f}")  # fmt: skip
+
+
+def _dft_line(r: dict) -> str:
+    return (f"{r['name']:10s} {r['n_atoms']:3d} atoms  Hessian {r['hessian_s']:7.1f} s  E+F {r['gradient_s']:6.1f} s  "
+            f"HVP(K={r['num_probes']}) {r['hvp_s']:7.1f} s  ratio {r['hessian_s'] / r['hvp_s']:5.2f}  "
+            f"FD error {r['fd_rel_error']:.1e}")  # fmt: skip
 
 
 def main(argv=None) -> dict:
@@ -117,24 +109,30 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="xtb: gradient timings (median)")
     p.add_argument("--max-hessian-atoms", type=int, default=60, help="xtb: measure the FD Hessian up to this size")
     p.add_argument("--num-probes", type=int, default=ReactionConfig.num_probes, help="K, as the data set's")
-    p.add_argument("--fd-step", type=float, default=ReactionConfig.fd_step, help="Angstrom, as the data set's")
+    p.add_argument("--fd-step", type=float, default=ReactionConfig.fd_step, help="Angstrom, as the data set's (dft)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="label_cost.json")
     args = p.parse_args(argv)
     if args.level == "xtb":
-        return main_xtb(args, argv)
-    level = LevelOfTheory()
+        names, level, line = args.molecules or XTB_DEFAULT, xtb.XTBLevel(), _xtb_line
+
+        def one(name):
+            return measure_xtb(name, args.num_probes, args.repeats, args.max_hessian_atoms, args.seed)
+    else:
+        names, level, line = args.molecules or DEFAULT, LevelOfTheory(), _dft_line
+
+        def one(name):
+            return measure(name, level, args.num_probes, args.fd_step, args.seed)
+
+    load = os.getloadavg()[0]
     rows = []
-    for name in args.molecules or DEFAULT:
-        rows.append(measure(name, level, args.num_probes, args.fd_step, args.seed))
-        r = rows[-1]
-        print(f"{name:10s} {r['n_atoms']:3d} atoms  Hessian {r['hessian_s']:7.1f} s  E+F {r['gradient_s']:6.1f} s  "
-              f"HVP(K={r['num_probes']}) {r['hvp_s']:7.1f} s  ratio {r['hessian_s'] / r['hvp_s']:5.2f}  "
-              f"FD error {r['fd_rel_error']:.1e}", flush=True)  # fmt: skip
+    for name in names:
+        rows.append(one(name))
+        print(line(rows[-1]), flush=True)
         result = {
             "command": "python experiments/label_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, OMP_NUM_THREADS="
-            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, shared with a background DFT job",
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, load average before {load:.2f}",
             "level": level.describe(),
             "rows": rows,
         }
