@@ -7,7 +7,7 @@
 Each model (one --workdir each, labelled by its scheme; or every finished scheme of a study's
 protocol and seed) runs Sella (order=1) on every bundled reaction from the pipeline's TS guess and
 from --perturbations perturbed DFT TSs, once with the model's Hessian at every step and once with
-Sella's own, then the IRC both ways and relaxed ends (see phljax/ts_search.py). One JSON line per
+Sella's own, then the IRC both ways and relaxed ends (see phljax/ts_search/). One JSON line per
 finished attempt goes to <out>/attempts.jsonl: run the same command again to resume. Tables:
 <out>/ts_search.md; everything: <out>/ts_search.json. --seed seeds the perturbations and, with
 --study-root, picks the study seed; the default --out is results/ts_search, or

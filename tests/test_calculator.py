@@ -279,7 +279,7 @@ def test_ts_search_records_tables_and_resume(trained, hcn, tmp_path, monkeypatch
     def no_attempt(*args, **kwargs):
         raise AssertionError("a finished attempt ran again")
 
-    monkeypatch.setattr(ts_search, "run_attempt", no_attempt)
+    monkeypatch.setattr(ts_search.benchmark, "run_attempt", no_attempt)  # where run_benchmark looks it up
     cli.main(argv)
     settings = ts_search.Settings(**{**doc["settings"], "rms_range": tuple(doc["settings"]["rms_range"])})
     model = ts_search.model_from_workdir(config.workdir)
