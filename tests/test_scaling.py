@@ -101,6 +101,7 @@ def tiny_scaling(tmp_path_factory):
 def test_mini_scaling_study_end_to_end(tiny_scaling):
     root, outcome = tiny_scaling
     assert len(outcome["trained"]) == 8 and not outcome["failed"]
+    os.makedirs(os.path.join(root, "plots"), exist_ok=True)  # not a bin
     agg = scaling.aggregate(root)
     assert list(agg["bins"]) == ["1-3", "4-9"]
     evals = {}

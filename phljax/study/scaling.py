@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -279,7 +280,8 @@ def run_scaling(
 def _cells_done(root: str) -> dict[tuple[str, str], dict[int, dict]]:
     """{(bin, key): {seed: scale_eval.json}} of the evaluated cells under ``root``."""
     out: dict[tuple[str, str], dict[int, dict]] = {}
-    for b in sorted((d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))), key=bin_low):
+    bins = [d for d in os.listdir(root) if re.fullmatch(r"\d+-\d+", d) and os.path.isdir(os.path.join(root, d))]
+    for b in sorted(bins, key=bin_low):  # (other folders, e.g. plots/, are not bins)
         for name in sorted(os.listdir(os.path.join(root, b))):
             path = os.path.join(root, b, name, EVAL)
             key, _, seed = name.rpartition("-s")
