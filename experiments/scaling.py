@@ -23,6 +23,7 @@ A cell is done when `<root>/<bin>/<cell>/scale_eval.json` exists.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -55,13 +56,17 @@ def scaling_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true", help="print which cells are done, then exit")
     p.add_argument("--aggregate", action="store_true", help="write <root>/aggregate.json, print the tables, exit")
     p.add_argument("--plots", metavar="DIR", help="with --aggregate: PNGs into DIR")
+    p.add_argument("--label-cost", metavar="JSON", help="with --plots: label_cost.py --level xtb's output, plotted")
+    p.add_argument("--memory", metavar="JSON", help="with --plots: training_cost.py --molecules --compile-only output")
     return p
 
 
-def plot(agg: dict, root: str, out_dir: str) -> list[str]:
-    """rmse-vs-n.png (test H RMSE per bin, mean ± std over seeds, per scheme) and
+def plot(agg: dict, root: str, out_dir: str, label_cost: str | None = None, memory: str | None = None) -> list[str]:
+    """rmse-vs-n.png (test E, F, H RMSE per bin, mean ± std over seeds, per scheme),
     variance-vs-n.png (closed-form one-probe variance per test geometry and family, E-F-trained
-    models, log-log, with the fitted exponents)."""
+    models, log-log, with the fitted exponents), and from the given JSONs label-cost-vs-n.png
+    (seconds per geometry: FD Hessian against K FD HVPs) and memory-vs-n.png (XLA peak bytes of
+    one training step: E-F, HVP K=1, E-F-H all columns at once and chunked)."""
     import matplotlib  # noqa: PLC0415 (optional: the dev extra)
 
     matplotlib.use("Agg")
@@ -103,6 +108,46 @@ def plot(agg: dict, root: str, out_dir: str) -> list[str]:
         paths.append(os.path.join(out_dir, "variance-vs-n.png"))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+    if label_cost:
+        with open(label_cost) as f:
+            rows = json.load(f)["rows"]
+        n = [r["n_atoms"] for r in rows]
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        ax.loglog(n, [r["hessian_s"] for r in rows], "o-", label="FD Hessian (1 + 6N gradients)")
+        ax.loglog(n, [r["hvp_s"] for r in rows], "s-", label=f"K = {rows[0]['num_probes']} FD HVPs (1 + 2K gradients)")
+        ax.loglog(n, [r["gradient_s"] for r in rows], "^-", label="one gradient (E, F)")
+        ax.set(xlabel="atoms N", ylabel="seconds per geometry (GFN2-xTB, 1 thread)")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "label-cost-vs-n.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if memory:
+        with open(memory) as f:
+            recs = [r for r in json.load(f) if "error" not in r]
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        series = {"E-F": lambda r: r["peak_bytes"] if r["scheme"] == "E-F" else None,
+                  "E-F-HVP K=1": lambda r: r["peak_bytes"] if r["scheme"].startswith("E-F-HVP") else None}  # fmt: skip
+        for name, get in series.items():
+            pts = sorted((r["n_atoms"], get(r)) for r in recs if get(r))
+            if pts:
+                ax.loglog(*zip(*pts, strict=True), "o-", label=name)
+        for chunk in ("all", "24"):
+            pts = sorted(
+                (r["n_atoms"], t["peak_bytes"])
+                for r in recs if r["scheme"] == "E-F-H"
+                for c, t in r.get("chunk_trials", {}).items()
+                if "peak_bytes" in t and (c == "24") == (chunk == "24")
+            )  # fmt: skip
+            if pts:
+                ax.loglog(*zip(*pts, strict=True), "s--", label=f"E-F-H ({chunk} columns per pass)")
+        ax.axhline(24 * 2**30, color="k", lw=0.8, ls=":", label="24 GiB (this machine)")
+        ax.set(xlabel="atoms N (scaling-set molecules)", ylabel="XLA peak bytes of one training step")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "memory-vs-n.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
 
 
@@ -116,7 +161,7 @@ def main(argv: Sequence[str]) -> None:
     if args.aggregate or args.plots:
         agg = scaling.aggregate(args.root)
         print(scaling.render_tables(agg))
-        for path in plot(agg, args.root, args.plots) if args.plots else []:
+        for path in plot(agg, args.root, args.plots, args.label_cost, args.memory) if args.plots else []:
             print(f"wrote {path}")
         return
     base: Config = parse_args(rest)
