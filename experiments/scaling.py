@@ -10,9 +10,10 @@ trained models' error matrices against N (`phljax.study.scaling`).
     python experiments/scaling.py --root results/scaling --aggregate --plots results/scaling/plots
 
 Any run.py option sets the base config of every cell; the study sets each cell's bin (`--select
-size_bin=...`), training file, scheme, probes and seed. Bins: every bin of the test file (or
-`--bins`); E-F-H (`--schemes ... efh`) and the `randomized` regime run only in `--hessian-bins`
-(bins whose training samples have Hessians). Orthogonal against i.i.d. Gaussian probes at equal K:
+size_bin=...`), training file, scheme, probes and seed. Bins: every complete bin of
+`<prefix>-bins.json` (written by `--assemble`; or `--bins`, which must be complete); E-F-H
+(`--schemes ... efh`) and the `randomized` regime run only in `--hessian-bins` (bins whose
+training samples have Hessians). Orthogonal against i.i.d. Gaussian probes at equal K:
 
     python experiments/scaling.py --root results/scaling --schemes gaussian orthogonal --regimes randomized \
         --num-probes 4 --bins 10-15 16-24 25-39 --hessian-bins 10-15 16-24 25-39 ... (the same base flags)
@@ -29,7 +30,6 @@ import sys
 from collections.abc import Sequence
 
 from phljax.config import Config, config_parser, parse_args
-from phljax.data import load
 from phljax.study import scaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,6 +151,21 @@ def plot(agg: dict, root: str, out_dir: str, label_cost: str | None = None, memo
     return paths
 
 
+def check_bins(requested: Sequence[str] | None, bins_json: str) -> list[str]:
+    """The bins to run: those requested, or every complete bin; a requested bin that is not complete
+    (generation still running: a cell trained on it now would be a different experiment) is an error."""
+    with open(bins_json) as f:
+        bins = json.load(f)["bins"]
+    complete = [b for b, info in bins.items() if info.get("complete")]
+    if not requested:
+        return sorted(complete, key=scaling.bin_low)
+    bad = [b for b in requested if b not in complete]
+    if bad:
+        raise SystemExit(f"{bins_json}: bins {bad} are not complete (complete: {complete}); "
+                         "finish experiments/make_scale_data.py and --assemble first")  # fmt: skip
+    return list(requested)
+
+
 def main(argv: Sequence[str]) -> None:
     args, rest = scaling_parser().parse_known_args(argv)
     if args.help:
@@ -169,7 +184,7 @@ def main(argv: Sequence[str]) -> None:
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
         raise SystemExit(f"missing data files {missing}: run experiments/make_scale_data.py (--assemble)")
-    bins = args.bins or sorted({str(m.meta["size_bin"]) for m in load([paths["test"]])}, key=scaling.bin_low)
+    bins = check_bins(args.bins, os.path.join(args.data_dir, f"{args.prefix}-bins.json"))
     grid = scaling.ScaleGrid(
         tuple(bins), tuple(args.schemes), tuple(args.regimes), args.seeds, tuple(args.hessian_bins), args.num_probes
     )

@@ -176,8 +176,12 @@ def test_builder_writes_files_that_phljax_data_reads(tiny_set):
     assert summary["files"] == {"train": "tiny-train.h5", "test": "tiny-test.h5", "minima": "tiny-minima.h5",
                                 **{f"train-{k}": f"tiny-train-{k}.h5" for k in kinds}}  # fmt: skip
     assert summary["n_geometries"] == 6 and summary["n_rejected"] == 0 and summary["n_settled"] == 6
-    assert summary["bins"] == {"1-3": {"molecules": 1, "train": 2, "test": 1, "train_hessian": 2},
-                               "4-9": {"molecules": 1, "train": 2, "test": 1, "train_hessian": 0}}  # fmt: skip
+    assert summary["bins"] == {
+        "1-3": {"molecules": 1, "train": 2, "test": 1, "train_hessian": 2, "complete": True},
+        "4-9": {"molecules": 1, "train": 2, "test": 1, "train_hessian": 0, "complete": True},
+    }
+    with open(os.path.join(out, "tiny-bins.json")) as f:
+        assert json.load(f)["bins"] == summary["bins"]  # fmt: skip
     train, test, minima = (read_h5(os.path.join(out, f"tiny-{p}.h5")) for p in ("train", "test", "minima"))
     assert len(train) == 4 and len(test) == 2 and len(minima) == 2
     assert all(m.hessian is not None and m.meta["split"] == "test" for m in test)

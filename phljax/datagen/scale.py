@@ -529,6 +529,8 @@ def assemble(cache_dir: str, out_dir: str, prefix: str = "xtb_scale") -> dict[st
     summary = summarize(cache_dir)
     summary["files"] = written
     save_json(os.path.join(cache_dir, "summary.json"), summary)
+    # which bins are complete (every molecule's samples labelled or rejected): studies train on those only
+    save_json(os.path.join(out_dir, f"{prefix}-bins.json"), {"bins": summary["bins"]})
     return summary
 
 
@@ -578,9 +580,12 @@ def summarize(cache_dir: str) -> dict[str, Any]:
         if per_gradient:
             info["s_per_gradient"] = float(np.median(per_gradient))
         molecules[mol.name] = info
-    bins: dict[str, dict[str, int]] = {}
+    bins: dict[str, dict[str, Any]] = {}
     for info in molecules.values():
-        b = bins.setdefault(info["size_bin"], {"molecules": 0, "train": 0, "test": 0, "train_hessian": 0})
+        b = bins.setdefault(info["size_bin"], {"molecules": 0, "train": 0, "test": 0, "train_hessian": 0,
+                                               "complete": True})  # fmt: skip
+        info["complete"] = info["n_train"] + info["n_test"] + info.get("n_settled", 0) >= cfg.n_nms
+        b["complete"] &= info["complete"]
         b["molecules"] += 1
         b["train"] += info["n_train"]
         b["test"] += info["n_test"]
