@@ -254,7 +254,7 @@ def render_scale_card(summary: dict[str, Any], prefix: str) -> str:
 
     Args:
         summary: :func:`phljax.datagen.scale.summarize` (or ``assemble``) of the cache.
-        prefix: file prefix (files ``<prefix>-train.h5``, ``-test.h5``, ``-minima.h5``).
+        prefix: file prefix (files ``<prefix>-train.h5``, ``-train-<kind>.h5``, ``-test.h5``, ``-minima.h5``).
 
     Returns:
         The card as a markdown string.
@@ -279,7 +279,8 @@ def render_scale_card(summary: dict[str, Any], prefix: str) -> str:
     atoms = sorted(m["n_atoms"] for m in mols.values())
     size = f"{atoms[0]}-{atoms[-1]}" if atoms else "0"
     started = sum(m["n_train"] + m["n_test"] > 0 for m in mols.values())
-    return f"""# Data card: `{prefix}-{{train,test,minima}}.h5` (size-scaling set, {level.get("method", "GFN2-xTB")})
+    method = level.get("method", "GFN2-xTB")
+    return f"""# Data card: `{prefix}-{{train,train-<kind>,test,minima}}.h5` (size-scaling set, {method})
 
 Status: **{status}**. {n} labelled normal-mode samples of {started} of the {len(mols)} neutral
 closed-shell C/H/N/O molecules of {size} atoms (alkanes, alcohols, amides and peptides, rings and aromatics, larger
