@@ -10,7 +10,10 @@ op by op with the rules of XLA's HloCostAnalysis: a dot is 2 x output elements x
 an elementwise op (compare, select and convert included) one per output element; a reduce (input -
 output elements) x its reducer's ops; a scatter its updates x its combiner's ops; transcendentals,
 copies, slices, gathers, broadcasts 0; a fusion the sum of its ops; a conditional its costlier
-branch. The recount is checked against `cost_analysis()["flops"]` and then split
+branch; a while loop its body times its known trip count (XLA's own `cost_analysis()` counts a
+loop body once, so a chunked E-F-H step, whose Hessian columns are a `lax.map` loop, reads low
+there by about the number of chunks; `loop_extra_flops` is the difference, which
+training_cost.py adds). The recount is checked against `cost_analysis()["flops"]` and then split
 
 - by op kind: dot, elementwise, reduce, scatter/gather;
 - by part of the derivative schedule, from the JAX name stack XLA keeps in each op's metadata: the
@@ -159,9 +162,19 @@ def _read_fractions(instructions: list[dict]) -> dict[str, float]:
     return fraction
 
 
-def op_costs(text: str) -> tuple[list[tuple], object]:
+def _trip_count(ins: dict) -> int:
+    """The known trip count XLA records on a while op (backend_config known_trip_count)."""
+    m = re.search(r'known_trip_count"?:\{"n":"(\d+)"\}', ins["attrs"])
+    if not m:
+        raise ValueError(f"{ins['name']}: a while loop without a known trip count; its FLOPs cannot be counted")
+    return int(m.group(1))
+
+
+def op_costs(text: str, count_trips: bool = True) -> tuple[list[tuple], object]:
     """Every leaf op of the entry computation (fusions, calls, loops and branches opened):
-    (flops, opcode, op_name, stack frame id, shape, read flops); and the frame resolver."""
+    (flops, opcode, op_name, stack frame id, shape, read flops); and the frame resolver. A loop
+    body's ops count times the loop's trip count (`count_trips=False`: once, as XLA's
+    `cost_analysis()` does)."""
     computations, entry, frames = parse_hlo(text)
     memo = {}
 
@@ -185,7 +198,9 @@ def op_costs(text: str) -> tuple[list[tuple], object]:
             elif op == "call":
                 out += leaves(called("to_apply"), meta)
             elif op == "while":
-                out += leaves(called("body"), meta) + leaves(called("condition"), meta)
+                n = _trip_count(ins) if count_trips else 1
+                body = leaves(called("body"), meta) + leaves(called("condition"), meta)
+                out += [(f * n, o, nm, fr, sh, r * n) for f, o, nm, fr, sh, r in body]
             elif op == "conditional":
                 m = re.search(r"branch_computations=\{([^}]*)\}", attrs)
                 branches = _NAME.findall(m.group(1)) if m else [called("true_computation"), called("false_computation")]
@@ -218,6 +233,13 @@ def op_costs(text: str) -> tuple[list[tuple], object]:
         return out
 
     return leaves(entry), frames
+
+
+def loop_extra_flops(text: str) -> float:
+    """FLOPs that XLA's `cost_analysis()` leaves out of a program: every while body beyond its first
+    trip (the recount with trip counts minus the recount without)."""
+    with_trips = sum(x[0] for x in op_costs(text, True)[0])
+    return float(with_trips - sum(x[0] for x in op_costs(text, False)[0]))
 
 
 # ---------------------------------------------------------------- attribution

@@ -62,19 +62,38 @@ class _Compiled:
     def cost_analysis(self):
         return self.analysis
 
+    def as_text(self):
+        return ""  # no HLO: no loops to add
+
 
 def test_xla_cost_reads_a_dict_or_a_list_of_dicts():
     tc = load_script("benchmarks", "training_cost")
     one = {"flops": 2.5e8, "bytes accessed": 4.0e8, "transcendentals": 10.0}
-    expected = {"flops": 2.5e8, "bytes_accessed": 4.0e8}
+    expected = {"flops": 2.5e8, "bytes_accessed": 4.0e8, "flops_xla": 2.5e8}
     assert tc.xla_cost(_Compiled(one)) == expected  # a dict (some jax versions)
     assert tc.xla_cost(_Compiled([one])) == expected  # a list of one dict (others)
     assert tc.xla_cost(_Compiled([one, {"flops": 1.0, "bytes accessed": 2.0}])) == {
         "flops": 2.5e8 + 1.0,
         "bytes_accessed": 4.0e8 + 2.0,
+        "flops_xla": 2.5e8 + 1.0,
     }  # several programs: summed
-    assert tc.xla_cost(_Compiled(None)) == {"flops": None, "bytes_accessed": None}
-    assert tc.xla_cost(_Compiled([{"utilization": 1.0}])) == {"flops": None, "bytes_accessed": None}
+    none = {"flops": None, "bytes_accessed": None, "flops_xla": None}
+    assert tc.xla_cost(_Compiled(None)) == none
+    assert tc.xla_cost(_Compiled([{"utilization": 1.0}])) == none
+
+
+def test_xla_cost_counts_every_trip_of_a_loop():
+    """XLA's cost_analysis counts a while body once; a chunked Hessian (lax.map) is such a loop.
+    xla_cost adds the other trips; flops.py's recount with trip counts agrees."""
+    tc = load_script("benchmarks", "training_cost")
+    fl = load_script("benchmarks", "flops")
+    a = jnp.ones((16, 16), jnp.float32)
+    compiled = jax.jit(lambda c: jax.lax.scan(lambda c, _: (c @ a, None), c, None, length=10)[0]).lower(a).compile()
+    cost = tc.xla_cost(compiled)
+    one = 2 * 16 * 16 * 16
+    assert one <= cost["flops_xla"] < 2 * one  # XLA: the body once
+    assert 10 * one <= cost["flops"] < 11 * one
+    assert sum(op[0] for op in fl.op_costs(compiled.as_text())[0]) == pytest.approx(cost["flops"])
 
 
 def test_xla_cost_of_a_real_compilation_counts_a_matrix_product():
