@@ -74,6 +74,13 @@ def plot(agg: dict, root: str, out_dir: str, label_cost: str | None = None, memo
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
+
+    def save(fig, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=120)
+        plt.close(fig)
+        return os.path.join(out_dir, name)
+
     bins = agg["bins"]
     keys = sorted({k for b in bins.values() for k in b["cells"]})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -88,10 +95,7 @@ def plot(agg: dict, root: str, out_dir: str, label_cost: str | None = None, memo
         ax.set(xscale="log", xlabel="atoms (bin mean)", ylabel=f"test {q}")
     axes[0].legend(fontsize="small")
     fig.suptitle("scaling set: test RMSE per size bin (kcal/mol units), mean ± std over seeds")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "rmse-vs-n.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save(fig, "rmse-vs-n.png"))
     geoms = scaling.geometries_by_scheme(root)
     if "ef" in geoms:
         rows = geoms["ef"]
@@ -104,10 +108,7 @@ def plot(agg: dict, root: str, out_dir: str, label_cost: str | None = None, memo
         ax.set(xlabel="atoms N", ylabel="Var[v^T A v], A = dH^T dH ((eV/A^2)^4)")
         ax.legend(fontsize="small")
         ax.set_title("one-probe estimator variance on E-F models' test error matrices")
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, "variance-vs-n.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save(fig, "variance-vs-n.png"))
     if label_cost:
         with open(label_cost) as f:
             rows = json.load(f)["rows"]
@@ -118,10 +119,7 @@ def plot(agg: dict, root: str, out_dir: str, label_cost: str | None = None, memo
         ax.loglog(n, [r["gradient_s"] for r in rows], "^-", label="one gradient (E, F)")
         ax.set(xlabel="atoms N", ylabel="seconds per geometry (GFN2-xTB, 1 thread)")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, "label-cost-vs-n.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save(fig, "label-cost-vs-n.png"))
     if memory:
         with open(memory) as f:
             recs = [r for r in json.load(f) if "error" not in r]
@@ -144,10 +142,7 @@ def plot(agg: dict, root: str, out_dir: str, label_cost: str | None = None, memo
         ax.axhline(24 * 2**30, color="k", lw=0.8, ls=":", label="24 GiB (this machine)")
         ax.set(xlabel="atoms N (scaling-set molecules)", ylabel="XLA peak bytes of one training step")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, "memory-vs-n.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save(fig, "memory-vs-n.png"))
     return paths
 
 
