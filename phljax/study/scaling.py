@@ -40,9 +40,12 @@ from scipy import stats
 
 from phljax.config import Config
 from phljax.data import Molecule, load, select_records
+from phljax.datagen.labels import make_probes
 from phljax.potential import Potential
 from phljax.probes import hutchinson_variance
 from phljax.study.runner import Job, run_cells
+from phljax.study.stats import _paired as paired
+from phljax.study.stats import _stats as seed_stats
 from phljax.train import train
 from phljax.units import KCAL_MOL
 
@@ -183,13 +186,10 @@ def estimator_variances(
     a = dh.T @ dh
     d = a.shape[0]
     with jax.enable_x64(True):
-        formula = {f: float(hutchinson_variance(jnp.asarray(a), f)) for f in FAMILIES}
-        k_probe = {f: float(hutchinson_variance(jnp.asarray(a), f, num_probes)) for f in ("gaussian", "orthogonal")}
-    draws = {
-        "gaussian": rng.standard_normal((n_draws, d)),
-        "rademacher": rng.choice(np.array([-1.0, 1.0]), (n_draws, d)),
-        "onehot": np.sqrt(d) * np.eye(d)[rng.integers(0, d, n_draws)],
-    }
+        a64 = jnp.asarray(a)
+        formula = {f: float(hutchinson_variance(a64, f)) for f in FAMILIES}
+        k_probe = {f: float(hutchinson_variance(a64, f, num_probes)) for f in ("gaussian", "orthogonal")}
+    draws = {f: make_probes(f, n_draws, d // 3, rng).reshape(n_draws, d) for f in FAMILIES}
     empirical = {f: float(np.var(np.einsum("ki,ij,kj->k", v, a, v), ddof=1)) for f, v in draws.items()}
     return {"trace": float(np.trace(a)), "formula": formula, "empirical": empirical, "k_probe": k_probe,
             "k": num_probes}  # fmt: skip
@@ -323,11 +323,7 @@ def aggregate(root: str) -> dict[str, Any]:
         entry = bins.setdefault(b, {"cells": {}, "pairs": {}})
         vals = {q: [s[q] for s in seeds.values()] for q in ("energy_rmse", "forces_rmse", "hessian_rmse")}
         entry["mean_atoms"] = next(iter(seeds.values()))["mean_atoms"]
-        entry["cells"][key] = {
-            "n_seeds": len(seeds),
-            **{q: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None}
-               for q, v in vals.items()},
-        }  # fmt: skip
+        entry["cells"][key] = {"n_seeds": len(seeds), **{q: seed_stats(dict(enumerate(v))) for q, v in vals.items()}}
     for b in bins:
         for ka, kb in PAIRS:
             sa, sb = done.get((b, ka), {}), done.get((b, kb), {})
@@ -336,9 +332,8 @@ def aggregate(root: str) -> dict[str, Any]:
                 continue
             pair = {"n_seeds": len(common)}
             for q in ("energy_rmse", "forces_rmse", "hessian_rmse"):
-                xa, xb = np.array([sa[s][q] for s in common]), np.array([sb[s][q] for s in common])
-                pair[q] = {"change_pct": float(100 * np.mean(xb - xa) / np.mean(xa)),
-                           "p_value": float(stats.ttest_rel(xb, xa).pvalue)}  # fmt: skip
+                st = paired({s: sb[s][q] for s in common}, {s: sa[s][q] for s in common})  # b against a
+                pair[q] = {"change_pct": st["rel_diff_pct"], "p_value": st["p_value"]}
             bins[b]["pairs"][f"{kb} vs {ka}"] = pair
     exponents: dict[str, dict] = {}
     for key, geoms in _by_scheme(done).items():
@@ -358,6 +353,11 @@ def aggregate(root: str) -> dict[str, Any]:
     with open(os.path.join(root, "aggregate.json"), "w") as f:
         json.dump(out, f, indent=1)
     return out
+
+
+def _pct_p(x: dict) -> str:  # "change | p"; None (no spread, zero mean) reads "–"
+    change = "–" if x["change_pct"] is None else f"{x['change_pct']:+.1f}%"
+    return change + " | " + ("–" if x["p_value"] is None else f"{x['p_value']:.3f}")
 
 
 def render_tables(agg: dict[str, Any]) -> str:
@@ -381,7 +381,7 @@ def render_tables(agg: dict[str, Any]) -> str:
         for name, p in entry["pairs"].items():
             q = [p[k] for k in ("hessian_rmse", "forces_rmse", "energy_rmse")]
             lines.append(f"| {b} | {name} | {p['n_seeds']} | " + " | ".join(
-                f"{x['change_pct']:+.1f}% | {x['p_value']:.3f}" for x in q) + " |")  # fmt: skip
+                _pct_p(x) for x in q) + " |")  # fmt: skip
     lines += ["", "| trained as | quantity | exponent of N | 95% CI | points |", "|---|---|---|---|---|"]
     for key, ex in agg["exponents"].items():
         for q, fit in ex.items():
