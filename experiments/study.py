@@ -14,6 +14,7 @@ its checkpoints. Any `run.py` option sets the base config of every cell (`--epoc
     rm results/study/STOP && python experiments/study.py --root results/study --protocol random extrapolate \\
         --seeds 5 --epochs 1000 --no-progress                               # continue (same settings)
     python experiments/study.py --root results/study --aggregate --plots results/study/plots
+    python experiments/study.py --root results/study --stationary   # item 5 at all 36 RTP geometries
     python experiments/study.py --root results/quick --protocol random --schemes none random \\
         --regimes randomized --seeds 3 --epochs 20 --data phljax/data/bundled/chon_nms_small.h5
 
@@ -48,6 +49,7 @@ from phljax.study import (
     run_study,
     status,
 )
+from phljax.study.stationary import DEFAULT_DATA, STATIONARY_JSON, render_stationary, stationary_study
 
 
 def study_parser() -> argparse.ArgumentParser:
@@ -73,6 +75,13 @@ def study_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", action="store_true", help="write <root>/aggregate.json, print the tables, exit")
     p.add_argument("--plots", metavar="DIR", help="with --aggregate: learning curves and bar charts (PNG) into DIR")
     p.add_argument("--min-seeds", type=int, default=3, help="tables report entries over >= this many seeds")
+    p.add_argument(
+        "--stationary",
+        nargs="*",
+        metavar="FILE.h5",
+        help="evaluate every finished cell at every stationary point of FILE.h5 (default: the bundled RTP "
+        "file): frequencies, eigenvalues, TS index; writes <root>/stationary.json, prints the tables, exits",
+    )
     return p
 
 
@@ -142,6 +151,11 @@ def main(argv: Sequence[str]) -> None:
         return
     if args.status:
         print(format_status(status(args.root)))
+        return
+    if args.stationary is not None:
+        found = stationary_study(args.root, args.stationary or DEFAULT_DATA, args.protocol)
+        print(render_stationary(found, args.min_seeds))
+        print(f"wrote {os.path.join(args.root, STATIONARY_JSON)}")
         return
     if args.aggregate or args.plots:
         agg = aggregate(args.root)

@@ -20,7 +20,10 @@ from script_loader import load_script
 
 from phljax import study as st
 from phljax.config import Config
-from phljax.data import bundled_path
+from phljax.data import bundled_path, load
+from phljax.evaluation import STATIONARY, stationary_metrics
+from phljax.potential import Potential
+from phljax.study.stationary import STATIONARY_JSON, render_stationary, stationary_study
 from phljax.train import train
 from phljax.units import KCAL_MOL
 
@@ -477,6 +480,44 @@ def test_mini_study_end_to_end(mini):
         np.testing.assert_allclose(pair["mean_diff"], np.mean(a - b), rtol=1e-12)
         np.testing.assert_allclose(pair["p_value"], _p_two_sided(a - b), rtol=1e-9)
     assert "n=2, not reported" in st.render_tables(agg)
+
+
+def test_stationary_study_at_every_rtp_point(mini, tmp_path):
+    """Item 5 at all 36 RTP points: per-cell metrics are stationary_metrics of the cell's best
+    model by kind of point, kept once computed; stats and paired tests over seeds by hand."""
+    root = str(tmp_path / "copy")
+    shutil.copytree(mini[0], root)
+    rtp = [bundled_path("chon_reactions-RTP.h5")]
+    found = stationary_study(root, rtp, ["random"])
+    assert found["n_points"] == {"all": 36, "minima": 24, "ts": 12}
+    points = [m for m in load(rtp) if m.meta.get("point") in STATIONARY]
+    workdir = os.path.join(root, "random", "ef-s1")
+    direct = stationary_metrics(Potential.from_workdir(workdir), [m for m in points if m.meta["point"] == "ts"])
+    with open(os.path.join(workdir, STATIONARY_JSON)) as f:
+        kept = json.load(f)
+    assert kept["ts"]["n_stationary"] == 12 and kept["all"]["n_ts"] == 12
+    np.testing.assert_allclose(kept["ts"]["frequency_mae_cm1"], direct["frequency_mae_cm1"], rtol=1e-9)
+    np.testing.assert_allclose(kept["ts"]["hessian_eigenvalue_mae"], direct["hessian_eigenvalue_mae"] / KCAL_MOL)
+    assert kept["ts"]["stationary_index_correct"] == direct["stationary_index_correct"]
+
+    cells = found["protocols"]["random"]["cells"]
+    assert set(cells) == {"ef", "efhvp-random-randomized"} and cells["ef"]["seeds"] == [0, 1]
+    per = {}
+    for n in ("ef-s0", "ef-s1", "efhvp-random-randomized-s0", "efhvp-random-randomized-s1"):
+        with open(os.path.join(root, "random", n, STATIONARY_JSON)) as f:
+            per[n] = json.load(f)["all"]["frequency_mae_cm1"]
+    a = np.array([per["efhvp-random-randomized-s0"], per["efhvp-random-randomized-s1"]])
+    b = np.array([per["ef-s0"], per["ef-s1"]])
+    got = cells["efhvp-random-randomized"]["all"]["frequency_mae_cm1"]
+    np.testing.assert_allclose([got["mean"], got["std"]], [a.mean(), a.std(ddof=1)], rtol=1e-12)
+    pair = found["protocols"]["random"]["pairs"]["efhvp-random-randomized vs ef"]["all"]["frequency_mae_cm1"]
+    np.testing.assert_allclose(pair["p_value"], _p_two_sided(a - b), rtol=1e-9)
+    assert "| E-F-HVP random" in render_stationary(found, min_seeds=2)
+
+    # kept results are read back, not recomputed
+    mtime = os.path.getmtime(os.path.join(workdir, STATIONARY_JSON))
+    assert stationary_study(root, rtp, ["random"]) == found
+    assert os.path.getmtime(os.path.join(workdir, STATIONARY_JSON)) == mtime
 
 
 def test_mini_study_resumes_interrupted_and_skips_locked(mini, tmp_path):

@@ -13,6 +13,7 @@ Modules:
     card: the data cards of the reaction set and the size-scaling set, rendered from cache summaries.
     xtb: GFN2-xTB through tblite (the `scale` extra): energies, analytic gradients, checked
         finite-difference Hessians, FD HVPs, an ASE calculator and LBFGS relaxation.
+    molecules: the size-scaling set's molecules (SMILES, size bins) and their RDKit ETKDG conformers.
     scale: the size-scaling set (10-180 atoms from SMILES, RDKit conformers, xTB minima, normal-mode
         samples, E/F + test Hessians + HVPs of the largest), run by ``experiments/make_scale_data.py``.
 

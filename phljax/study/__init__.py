@@ -8,6 +8,7 @@ initialisation (and probes) and the split, so the schemes of one seed are paired
     grid.py    cells, protocols, each cell's config, the study's settings and a cell's files
     runner.py  run_study (priority order, locks, STOP), status and its ETA
     stats.py   aggregate (stats over seeds, paired t-tests), tables, learning curves, time to target
+    stationary.py item 5 at every stationary point: frequencies, eigenvalues, TS index per cell
     scaling.py the size-scaling study (issue 19): per size bin, probe families x regimes on the xTB
                set, estimator variances on the trained error matrices, exponents in N
 """
