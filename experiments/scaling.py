@@ -54,6 +54,9 @@ def scaling_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-probes", type=int, default=1, help="K of the HVP schemes (cells of K != 1: -k<K>)")
     p.add_argument("--keep-going", action="store_true", help="record a failing cell and go on")
     p.add_argument("--status", action="store_true", help="print which cells are done, then exit")
+    p.add_argument(
+        "--reevaluate", action="store_true", help="evaluate again trained cells whose scale_eval.json is out of date"
+    )
     p.add_argument("--aggregate", action="store_true", help="write <root>/aggregate.json, print the tables, exit")
     p.add_argument("--plots", metavar="DIR", help="with --aggregate: PNGs into DIR")
     p.add_argument("--label-cost", metavar="JSON", help="with --plots: label_cost.py --level xtb's output, plotted")
@@ -179,6 +182,9 @@ def main(argv: Sequence[str]) -> None:
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
         raise SystemExit(f"missing data files {missing}: run experiments/make_scale_data.py (--assemble)")
+    if args.reevaluate:
+        print(f"{len(scaling.reevaluate(args.root, paths))} cells re-evaluated")
+        return
     bins = check_bins(args.bins, os.path.join(args.data_dir, f"{args.prefix}-bins.json"))
     grid = scaling.ScaleGrid(
         tuple(bins), tuple(args.schemes), tuple(args.regimes), args.seeds, tuple(args.hessian_bins), args.num_probes

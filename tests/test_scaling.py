@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -135,3 +136,23 @@ def test_mini_scaling_study_end_to_end(tiny_scaling):
     grid = scaling.ScaleGrid(("1-3", "4-9"), ("onehot", "gaussian"), ("pool",), 2)
     again = scaling.run_scaling(root, base, grid, paths, log=lambda s: None)
     assert len(again["done"]) == 8 and not again["trained"]
+
+
+def test_reevaluate_fills_missing_columns_with_the_same_numbers(tiny_scaling, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(tiny_scaling[0], root)
+    with open(os.path.join(root, scaling.SETTINGS)) as f:
+        paths = json.load(f)["paths"]
+    assert scaling.reevaluate(root, paths, log=lambda s: None) == []  # every evaluation is current
+    path = os.path.join(root, "4-9", "gaussian-pool-s1", scaling.EVAL)
+    with open(path) as f:
+        before = json.load(f)
+    old = {**before, "geometries": [{k: v for k, v in g.items() if k != "k_probe"} for g in before["geometries"]]}
+    with open(path, "w") as f:
+        json.dump(old, f)  # an evaluation from before the K-probe columns
+    os.remove(os.path.join(root, "1-3", "onehot-pool-s0", scaling.EVAL))  # trained, never evaluated
+    assert scaling.reevaluate(root, paths, log=lambda s: None) == ["1-3/onehot-pool-s0", "4-9/gaussian-pool-s1"]
+    with open(path) as f:
+        after = json.load(f)
+    for g0, g1 in zip(before["geometries"], after["geometries"], strict=True):
+        assert g1["k_probe"] == pytest.approx(g0["k_probe"]) and g1["empirical"] == pytest.approx(g0["empirical"])

@@ -277,11 +277,43 @@ def run_scaling(
     return run_cells(root, jobs, keep_going=keep_going, log=log)
 
 
+def reevaluate(
+    root: str, paths: dict[str, str], *, require: Sequence[str] = ("k_probe",), log: Callable[[str], None] = print
+) -> list[str]:
+    """Evaluate again every trained cell under ``root`` whose ``scale_eval.json`` is missing or
+    lacks a column of ``require`` on some geometry (evaluations older than those columns; same
+    seed, so the columns they had come out the same). Returns the cells redone, 'bin/name'."""
+    redone, tests = [], {}
+    for b in _bin_dirs(root):
+        for name in sorted(os.listdir(os.path.join(root, b))):
+            workdir = os.path.join(root, b, name)
+            _, _, seed = name.rpartition("-s")
+            if not seed.isdigit() or not os.path.exists(os.path.join(workdir, "results.json")):
+                continue
+            path = os.path.join(workdir, EVAL)
+            if os.path.exists(path):
+                with open(path) as f:
+                    rows = json.load(f)["geometries"]
+                if all(k in g for g in rows for k in require):
+                    continue
+            if b not in tests:
+                tests[b] = bin_test_set(paths, b)
+            evaluate_cell(workdir, tests[b], seed=int(seed))
+            redone.append(f"{b}/{name}")
+            log(f"re-evaluated {b}/{name}")
+    return redone
+
+
+def _bin_dirs(root: str) -> list[str]:
+    """The size-bin folders under ``root``, small to large (other folders, e.g. plots/, are not bins)."""
+    bins = [d for d in os.listdir(root) if re.fullmatch(r"\d+-\d+", d) and os.path.isdir(os.path.join(root, d))]
+    return sorted(bins, key=bin_low)
+
+
 def _cells_done(root: str) -> dict[tuple[str, str], dict[int, dict]]:
     """{(bin, key): {seed: scale_eval.json}} of the evaluated cells under ``root``."""
     out: dict[tuple[str, str], dict[int, dict]] = {}
-    bins = [d for d in os.listdir(root) if re.fullmatch(r"\d+-\d+", d) and os.path.isdir(os.path.join(root, d))]
-    for b in sorted(bins, key=bin_low):  # (other folders, e.g. plots/, are not bins)
+    for b in _bin_dirs(root):
         for name in sorted(os.listdir(os.path.join(root, b))):
             path = os.path.join(root, b, name, EVAL)
             key, _, seed = name.rpartition("-s")

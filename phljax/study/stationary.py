@@ -158,8 +158,9 @@ def _cell(stats: dict | None, digits: int = 1, scale: float = 1.0) -> str:
 
 
 def render_stationary(agg: dict, min_seeds: int = 3) -> str:
-    """Markdown tables: per protocol, the schemes' metrics at all points, minima and TSs (mean ±
-    std over seeds, cells with >= `min_seeds` seeds), then the paired comparisons (diff %, p)."""
+    """Markdown tables: per protocol, the schemes' metrics at all points and at the TSs (mean ± std
+    over seeds, cells with >= `min_seeds` seeds; index fractions in %), then the paired comparisons
+    (A - B, relative change, paired t-test p; index fractions in percentage points)."""
     n = agg["n_points"]
     lines = []
     for protocol, d in agg["protocols"].items():
@@ -188,16 +189,12 @@ def render_stationary(agg: dict, min_seeds: int = 3) -> str:
         for name, p in d["pairs"].items():
             a, ts = p.get("all", {}), p.get("ts", {})
             entries = [
-                a.get("frequency_mae_cm1"),
-                a.get("hessian_eigenvalue_mae"),
-                a.get("stationary_index_correct"),
-                ts.get("frequency_mae_cm1"),
-                ts.get("stationary_index_correct"),
-            ]
-            n_pair = max((e["n"] for e in entries if e), default=0)
+                (a.get(m), m) for m in ("frequency_mae_cm1", "hessian_eigenvalue_mae", "stationary_index_correct")
+            ] + [(ts.get(m), m) for m in ("frequency_mae_cm1", "stationary_index_correct")]
+            n_pair = max((e["n"] for e, _ in entries if e), default=0)
             if n_pair < min_seeds:
                 continue
-            lines.append(f"| {_label_pair(name)} | {n_pair} | " + " | ".join(_pair(e) for e in entries) + " |")
+            lines.append(f"| {_label_pair(name)} | {n_pair} | " + " | ".join(_pair(e, m) for e, m in entries) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -207,9 +204,12 @@ def _label_pair(name: str) -> str:
     return f"{_label(a)} vs {_label(b)}"
 
 
-def _pair(e: dict | None) -> str:
+def _pair(e: dict | None, metric: str) -> str:
+    """'diff (rel%), p' ; the index fraction as a difference in percentage points."""
     if not e or e.get("mean_diff") is None:
         return "–"
-    rel = "" if e.get("rel_diff_pct") is None else f" ({e['rel_diff_pct']:+.0f}%)"
     p = "" if e.get("p_value") is None else f", p = {e['p_value']:.2g}"
-    return f"{e['mean_diff']:+.3g}{rel}{p}"
+    if metric == "stationary_index_correct":
+        return f"{100 * e['mean_diff']:+.0f} pts{p}"
+    rel = "" if e.get("rel_diff_pct") is None else f" ({e['rel_diff_pct']:+.0f}%)"
+    return f"{e['mean_diff']:+.0f}{rel}{p}"
