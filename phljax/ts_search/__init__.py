@@ -40,14 +40,14 @@ resumes. `<out>/settings.json` pins the settings (a different setting needs a ne
 `<out>/ts_search.json` (settings, models, attempts, summary) and `<out>/ts_search.md` (tables) are
 rewritten at the end of every model.
 
-The package, imports running one way (search <- benchmark <- tables):
+The package, imports running one way (search <- tables <- benchmark):
 
     search.py     one attempt: Settings, Reference, Start, MODES, run_attempt (the Sella search and
                   the saddle's checks), follow_irc, relax
-    benchmark.py  the inputs and the attempt log: load_references, make_starts, Model,
-                  model_from_workdir, study_models, read_attempts (attempts.jsonl, settings.json)
-    tables.py     summarize, render_tables, and run_benchmark, which runs the attempts and writes
-                  ts_search.json and ts_search.md
+    tables.py     summarize and render_tables (the summary and its markdown tables)
+    benchmark.py  the inputs, the attempt log and the driver: load_references, make_starts,
+                  model_from_workdir, study_models, read_attempts (attempts.jsonl, settings.json),
+                  and run_benchmark, which runs the attempts and writes ts_search.json and ts_search.md
 
 Units: positions Angstrom, energies eV, forces eV/A, Hessians eV/A^2, frequencies cm^-1.
 """
