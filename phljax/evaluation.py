@@ -30,6 +30,8 @@ __all__ = [
     "test_subsets",
     "STATIONARY",
     "stationary_metrics",
+    "stationary_rows",
+    "reduce_stationary",
     "evaluate_molecules",
     "evaluate_workdir",
     "in_kcal_mol",
@@ -146,25 +148,45 @@ def stationary_metrics(potential: Potential, molecules: Sequence[Molecule]) -> d
     imaginary frequency (TSs only); and the counts `n_stationary`, `n_ts`.
     """
     points = [m for m in molecules if m.meta.get("point") in STATIONARY and m.hessian is not None]
+    return reduce_stationary(stationary_rows(potential, points))
+
+
+def stationary_rows(potential: Potential, points: Sequence[Molecule]) -> list[dict]:
+    """Per stationary point (`meta['point']` in reactant, product, ts; reference Hessian required):
+    `point`, `freq_abs_err` [M] cm^-1, `eig_abs_err` [3N] eV/A^2, `index_correct` and, at a TS,
+    `ts_imag_abs_err` cm^-1; the model Hessians (float64) of all points in one call.
+    `reduce_stationary` turns any subset of the rows into `stationary_metrics`' dict."""
     if not points:
-        return {}
+        return []
     model = potential.hessian([m.numbers for m in points], [m.positions for m in points], dtype=np.float64)
-    freq, eig, correct, ts = [], [], [], []
+    rows = []
     for m, h in zip(points, model, strict=True):
         n = m.n_atoms
         h_ref = m.hessian.reshape(3 * n, 3 * n)
         ref = harmonic_analysis(m.numbers, m.positions, h_ref)
         mod = harmonic_analysis(m.numbers, m.positions, h)
-        freq.append(np.abs(mod.frequencies - ref.frequencies))
-        eig.append(np.abs(np.linalg.eigvalsh(h) - np.linalg.eigvalsh(0.5 * (h_ref + h_ref.T))))
-        correct.append(mod.n_imaginary() == STATIONARY[m.meta["point"]])
+        row = {
+            "point": m.meta["point"],
+            "freq_abs_err": np.abs(mod.frequencies - ref.frequencies),
+            "eig_abs_err": np.abs(np.linalg.eigvalsh(h) - np.linalg.eigvalsh(0.5 * (h_ref + h_ref.T))),
+            "index_correct": mod.n_imaginary() == STATIONARY[m.meta["point"]],
+        }
         if m.meta["point"] == "ts":
-            ts.append(abs(mod.frequencies[0] - ref.frequencies[0]))
+            row["ts_imag_abs_err"] = abs(mod.frequencies[0] - ref.frequencies[0])
+        rows.append(row)
+    return rows
+
+
+def reduce_stationary(rows: Sequence[dict]) -> dict[str, float]:
+    """`stationary_metrics`' dict from `stationary_rows` ({} for no rows)."""
+    if not rows:
+        return {}
+    ts = [r["ts_imag_abs_err"] for r in rows if "ts_imag_abs_err" in r]
     out = {
-        "n_stationary": len(points),
-        "frequency_mae_cm1": float(np.mean(np.concatenate(freq))),
-        "hessian_eigenvalue_mae": float(np.mean(np.concatenate(eig))),
-        "stationary_index_correct": float(np.mean(correct)),
+        "n_stationary": len(rows),
+        "frequency_mae_cm1": float(np.mean(np.concatenate([r["freq_abs_err"] for r in rows]))),
+        "hessian_eigenvalue_mae": float(np.mean(np.concatenate([r["eig_abs_err"] for r in rows]))),
+        "stationary_index_correct": float(np.mean([r["index_correct"] for r in rows])),
         "n_ts": len(ts),
     }
     if ts:

@@ -27,12 +27,11 @@ import json
 import os
 from collections.abc import Sequence
 
-from phljax.data import Molecule, load
-from phljax.evaluation import STATIONARY, stationary_metrics
+from phljax.data import Molecule, bundled_path, load
+from phljax.evaluation import STATIONARY, in_kcal_mol, reduce_stationary, stationary_rows
 from phljax.potential import Potential
 from phljax.study.grid import _KEYS, PROTOCOLS, Cell, _label, cell_results
 from phljax.study.stats import _ordered, _paired, _stats, comparison_pairs
-from phljax.units import KCAL_MOL
 
 __all__ = [
     "STATIONARY_JSON",
@@ -49,14 +48,7 @@ STATIONARY_JSON = "stationary.json"
 KINDS = {"all": tuple(STATIONARY), "minima": ("reactant", "product"), "ts": ("ts",)}
 #: metrics in the order of the tables; eigenvalue MAE is converted to kcal/mol/A^2
 METRICS = ("frequency_mae_cm1", "hessian_eigenvalue_mae", "stationary_index_correct", "ts_imaginary_frequency_mae_cm1")
-DEFAULT_DATA = ("phljax/data/bundled/chon_reactions-RTP.h5",)
-
-
-def _in_kcal(metrics: dict) -> dict:
-    out = dict(metrics)
-    if "hessian_eigenvalue_mae" in out:
-        out["hessian_eigenvalue_mae"] = out["hessian_eigenvalue_mae"] / KCAL_MOL
-    return out
+DEFAULT_DATA = (bundled_path("chon_reactions-RTP.h5"),)
 
 
 def evaluate_cell(workdir: str, points: Sequence[Molecule]) -> dict:
@@ -68,11 +60,8 @@ def evaluate_cell(workdir: str, points: Sequence[Molecule]) -> dict:
         {kind: `stationary_metrics` of the points of that kind, hessian_eigenvalue_mae in
         kcal/mol/A^2} for kind in `KINDS`.
     """
-    potential = Potential.from_workdir(workdir)
-    return {
-        kind: _in_kcal(stationary_metrics(potential, [m for m in points if m.meta["point"] in p]))
-        for kind, p in KINDS.items()
-    }
+    rows = stationary_rows(Potential.from_workdir(workdir), points)  # every model Hessian once
+    return in_kcal_mol({kind: reduce_stationary([r for r in rows if r["point"] in p]) for kind, p in KINDS.items()})
 
 
 def cell_stationary(root: str, cell: Cell, points: Sequence[Molecule]) -> dict | None:
