@@ -15,6 +15,7 @@ its checkpoints. Any `run.py` option sets the base config of every cell (`--epoc
         --seeds 5 --epochs 1000 --no-progress                               # continue (same settings)
     python experiments/study.py --root results/study --aggregate --plots results/study/plots
     python experiments/study.py --root results/study --stationary   # item 5 at all 36 RTP geometries
+    python experiments/study.py --root results/study --reevaluate --protocol reactions  # newer metrics
     python experiments/study.py --root results/quick --protocol random --schemes none random \\
         --regimes randomized --seeds 3 --epochs 20 --data phljax/data/bundled/chon_nms_small.h5
 
@@ -45,6 +46,7 @@ from phljax.study import (
     aggregate,
     format_status,
     learning_curves,
+    reevaluate,
     render_tables,
     run_study,
     status,
@@ -81,6 +83,12 @@ def study_parser() -> argparse.ArgumentParser:
         metavar="FILE.h5",
         help="evaluate every finished cell at every stationary point of FILE.h5 (default: the bundled RTP "
         "file): frequencies, eigenvalues, TS index; writes <root>/stationary.json, prints the tables, exits",
+    )
+    p.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="add the metrics of the current evaluation (per-formula relative energies, unidentified "
+        "formulas) to finished cells of --protocol whose results.json lacks them, keep the rest, exit",
     )
     return p
 
@@ -151,6 +159,10 @@ def main(argv: Sequence[str]) -> None:
         return
     if args.status:
         print(format_status(status(args.root)))
+        return
+    if args.reevaluate:
+        updated = reevaluate(args.root, args.protocol)
+        print(f"{len(updated)} cells re-evaluated")
         return
     if args.stationary is not None:
         found = stationary_study(args.root, args.stationary or DEFAULT_DATA, args.protocol)

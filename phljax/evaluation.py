@@ -17,7 +17,7 @@ import numpy as np
 from phljax import derivatives, units
 from phljax.data.batching import BatchBudget, GraphBatch, budget_for, iterate_batches
 from phljax.data.prepare import check_elements, load
-from phljax.data.records import Molecule
+from phljax.data.records import Molecule, formula
 from phljax.models.energy import EnergyFn
 from phljax.potential import Potential
 from phljax.vibrations import harmonic_analysis
@@ -27,6 +27,7 @@ __all__ = [
     "CATEGORY_ORDER",
     "make_eval_step",
     "accumulate_errors",
+    "relative_energy_errors",
     "test_subsets",
     "STATIONARY",
     "stationary_metrics",
@@ -61,7 +62,8 @@ def make_eval_step(energy_fn: EnergyFn, *, with_hessian: bool, hessian_chunk: in
     """`eval_step(params, batch) -> sums` of absolute and squared errors and counts.
 
     Energy errors count molecules, force errors Cartesian components, Hessian errors entries of
-    each molecule's [3N, 3N] Hessian (model Hessian from 3A HVPs of the batch).
+    each molecule's [3N, 3N] Hessian (model Hessian from 3A HVPs of the batch). `energy_errors`
+    [G] (eV, 0 on padding graphs) are the per-molecule energy errors, for `relative_energy_errors`.
     """
 
     def eval_step(params, batch: GraphBatch):
@@ -76,6 +78,7 @@ def make_eval_step(energy_fn: EnergyFn, *, with_hessian: bool, hessian_chunk: in
             "energy_abs": jnp.sum(jnp.abs(de)),
             "energy_sq": jnp.sum(de**2),
             "energy_n": jnp.sum(gmask),
+            "energy_errors": de,
             "forces_abs": jnp.sum(jnp.abs(df)),
             "forces_sq": jnp.sum(df**2),
             "forces_n": 3 * jnp.sum(nmask),
@@ -95,6 +98,33 @@ def make_eval_step(energy_fn: EnergyFn, *, with_hessian: bool, hessian_chunk: in
     return eval_step
 
 
+def relative_energy_errors(errors: np.ndarray, molecules: Sequence[Molecule]) -> dict[str, float]:
+    """Energy MAE and RMSE after removing each chemical formula's mean error (eV).
+
+    What energy differences between molecules of one formula see (barrier heights, reaction and
+    conformer energies of isomerisations), and what stays meaningful when a formula's total energy
+    is not fixed by the training data (`phljax.data.unidentified_formulas`). A formula with one
+    molecule contributes a zero error; `n_energy_rel` counts the molecules of formulas with two or
+    more, `n_formulas` the formulas.
+
+    Args:
+        errors: [len(molecules)] predicted minus reference energy, eV.
+        molecules: the records (their `numbers` define the formula).
+    """
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(molecules):
+        groups.setdefault(formula(m.numbers), []).append(i)
+    centred = np.asarray(errors, float).copy()
+    for members in groups.values():
+        centred[members] -= centred[members].mean()
+    return {
+        "energy_rel_mae": float(np.mean(np.abs(centred))),
+        "energy_rel_rmse": float(np.sqrt(np.mean(centred**2))),
+        "n_energy_rel": sum(len(g) for g in groups.values() if len(g) > 1),
+        "n_formulas": len(groups),
+    }
+
+
 def accumulate_errors(
     eval_step: Callable,
     params,
@@ -103,10 +133,17 @@ def accumulate_errors(
     cutoff: float,
     dtype=np.float32,
 ) -> dict[str, float]:
-    """MAE and RMSE over `molecules` (eV units): {'energy_mae': ..., 'forces_rmse': ..., 'n_molecules': ...}."""
+    """MAE and RMSE over `molecules` (eV units): {'energy_mae': ..., 'forces_rmse': ..., 'n_molecules': ...},
+    and the per-formula relative energy errors of `relative_energy_errors` when `eval_step` returns
+    `energy_errors`."""
     sums: dict[str, float] = {}
+    per_molecule, have_errors = np.zeros(len(molecules)), False
     for batch in iterate_batches(molecules, budget, cutoff, dtype=dtype):
         out = jax.device_get(eval_step(params, batch))
+        errors = out.pop("energy_errors", None)
+        if errors is not None:
+            have_errors = True
+            per_molecule[batch.graph_index[batch.graph_mask]] = np.asarray(errors)[batch.graph_mask]
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     result = {"n_molecules": len(molecules)}
@@ -115,6 +152,8 @@ def accumulate_errors(
         if n > 0:
             result[f"{q}_mae"] = sums[f"{q}_abs"] / n
             result[f"{q}_rmse"] = float(np.sqrt(sums[f"{q}_sq"] / n))
+    if have_errors:
+        result.update(relative_energy_errors(per_molecule, molecules))
     return result
 
 
@@ -262,15 +301,15 @@ def in_kcal_mol(errors: dict[str, dict]) -> dict[str, dict]:
 def format_table(results: dict[str, dict], epoch_time: float | None = None) -> str:
     """A text table of MAE/RMSE per subset and quantity, in eV and kcal/mol units."""
     width = max([14, *(len(s) + 2 for s in results)])
-    lines = [f"{'subset':<{width}}{'quantity':<9}{'MAE':>11}{'RMSE':>11}  {'unit':<13}{'MAE':>11}{'RMSE':>11}  unit"]
+    lines = [f"{'subset':<{width}}{'quantity':<11}{'MAE':>11}{'RMSE':>11}  {'unit':<13}{'MAE':>11}{'RMSE':>11}  unit"]
     for subset, r in results.items():
-        for q, (ev_unit, kcal_unit) in UNITS.items():
+        for q, (ev_unit, kcal_unit) in {**UNITS, "energy_rel": UNITS["energy"]}.items():
             if f"{q}_mae" not in r:
                 continue
             mae, rmse = r[f"{q}_mae"], r[f"{q}_rmse"]
             k = 1.0 / units.KCAL_MOL
             ev = f"{mae:>11.4g}{rmse:>11.4g}  {ev_unit:<13}"
-            lines.append(f"{subset:<{width}}{q:<9}{ev}{mae * k:>11.4g}{rmse * k:>11.4g}  {kcal_unit}")
+            lines.append(f"{subset:<{width}}{q:<11}{ev}{mae * k:>11.4g}{rmse * k:>11.4g}  {kcal_unit}")
     stationary = {name: r for name, r in results.items() if "n_stationary" in r}
     if stationary:
         lines.append("")

@@ -232,6 +232,29 @@ def test_fit_atomic_energies_recovers_per_element_energies():
     np.testing.assert_allclose(fitted, [known[1], known[6], known[7], known[8], 0.0], rtol=1e-10)
 
 
+def _isomers(formulas, rng):
+    return [Molecule(np.array(z), rng.normal(size=(len(z), 3)), -1.0 * len(z), np.zeros((len(z), 3))) for z in formulas]
+
+
+def test_unidentified_formulas_flags_compositions_outside_the_training_span():
+    # the leave-reactions-out fold 0 of the bundled set: training on C2H4O, CH2O, CH2O2, CH3NO and
+    # HNO2 fixes O, C + 2H and H + N but not C, H and N apart, so C2H3N, CHN and CHNO (null vector
+    # (C, H, N, O) = (-2, 1, -1, 0) has a non-zero product with each) are not identified; C3H6O2 is
+    rng = np.random.default_rng(0)
+    train = _isomers([[6, 6, 1, 1, 1, 1, 8], [6, 1, 1, 8], [6, 1, 1, 8, 8], [6, 1, 1, 1, 7, 8], [1, 7, 8, 8]], rng)
+    test = _isomers([[6, 6, 1, 1, 1, 7], [6, 1, 7], [6, 1, 7, 8], [6, 6, 6, 1, 1, 1, 1, 1, 1, 8, 8]], rng)
+    elements = (1, 6, 7, 8)
+    assert phdata.unidentified_formulas(train, test, elements) == ["C2H3N", "CHN", "CHNO"]
+    assert phdata.unidentified_formulas(train, test[3:], elements) == []
+    assert phdata.unidentified_formulas([], test[:1], elements) == ["C2H3N"]
+    # and that is why: the fitted energies of two exact solutions differ there, not on the span
+    counts = phdata.composition_matrix(train, elements)
+    assert np.linalg.matrix_rank(counts) == 3
+    null = np.array([1.0, -2.0, -1.0, 0.0])  # (H, C, N, O) order of `elements`
+    np.testing.assert_allclose(counts @ null, 0.0, atol=1e-12)
+    assert abs(phdata.composition_matrix(test[:1], elements) @ null).item() > 0.5
+
+
 # -- padded batches -----------------------------------------------------------------------------------
 
 

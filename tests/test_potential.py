@@ -7,12 +7,14 @@ molecules must give what each molecule gives alone.
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import numpy as np
 import pytest
 
 import phljax
-from phljax.evaluation import evaluate_workdir, stationary_metrics
+from phljax.evaluation import evaluate_molecules, evaluate_workdir, stationary_metrics
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,32 @@ def test_evaluate_workdir_goes_through_the_potential(trained, h5_path):
     errors = evaluate_workdir(config.workdir, [h5_path])
     (name,) = errors
     assert errors[name]["n_molecules"] == 24 and {"energy_rmse", "forces_rmse", "hessian_rmse"} <= set(errors[name])
+
+
+def test_relative_energy_errors_are_blind_to_a_per_formula_offset(trained, molecules):
+    """energy_rel_*: each formula's mean error removed (hand computation from the Potential's
+    energies); shifting one formula's reference energies moves energy_rmse, not energy_rel_rmse."""
+    config, _, _, _ = trained
+    potential = phljax.Potential.from_workdir(config.workdir)
+    errors = np.array(potential.energy([m.numbers for m in molecules], [m.positions for m in molecules]))
+    errors -= [m.energy for m in molecules]
+    formulas = [phljax.data.formula(m.numbers) for m in molecules]
+    centred = errors.copy()
+    for f in set(formulas):
+        members = [i for i, g in enumerate(formulas) if g == f]
+        centred[members] -= errors[members].mean()
+    got = evaluate_molecules(potential, {"all": molecules})["all"]
+    assert got["n_formulas"] == 4 and got["n_energy_rel"] == 24
+    np.testing.assert_allclose(got["energy_rel_rmse"], np.sqrt(np.mean(centred**2)), rtol=1e-5)
+    np.testing.assert_allclose(got["energy_rel_mae"], np.mean(np.abs(centred)), rtol=1e-5)
+    np.testing.assert_allclose(got["energy_rmse"], np.sqrt(np.mean(errors**2)), rtol=1e-5)
+    shifted = [
+        dataclasses.replace(m, energy=m.energy + 3.0 * (f == formulas[0]))
+        for m, f in zip(molecules, formulas, strict=True)
+    ]
+    moved = evaluate_molecules(potential, {"all": shifted})["all"]
+    np.testing.assert_allclose(moved["energy_rel_rmse"], got["energy_rel_rmse"], rtol=1e-4)
+    assert moved["energy_rmse"] > got["energy_rmse"] + 0.5
 
 
 class _Exact:

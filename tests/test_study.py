@@ -520,6 +520,46 @@ def test_stationary_study_at_every_rtp_point(mini, tmp_path):
     assert os.path.getmtime(os.path.join(workdir, STATIONARY_JSON)) == mtime
 
 
+def _strip_new_metrics(path, *, scale_energy=1.0):
+    """results.json as an evaluation from before energy_rel_* and unidentified_formulas wrote it."""
+    with open(path) as f:
+        results = json.load(f)
+    full = json.loads(json.dumps(results))
+    results.pop("unidentified_formulas")
+    for errors in (results["errors_ev"], results["errors_kcal_mol"]):
+        for d in errors.values():
+            for k in ("energy_rel_mae", "energy_rel_rmse", "n_energy_rel", "n_formulas"):
+                d.pop(k)
+            d["energy_rmse"] *= scale_energy
+    with open(path, "w") as f:
+        json.dump(results, f)
+    return full
+
+
+def test_reevaluate_adds_newer_metrics_and_keeps_the_rest(mini, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(mini[0], root)
+    path = os.path.join(root, "random", "ef-s0", "results.json")
+    full = _strip_new_metrics(path)
+    assert st.reevaluate(root, ["random"], log=lambda _: None) == [os.path.join("random", "ef-s0")]
+    with open(path) as f:
+        back = json.load(f)
+    assert back["unidentified_formulas"] == full["unidentified_formulas"] == {}  # one formula set throughout
+    for units in ("errors_ev", "errors_kcal_mol"):
+        for subset, d in full[units].items():
+            assert set(back[units][subset]) == set(d)
+            for k, v in d.items():
+                np.testing.assert_allclose(back[units][subset][k], v, rtol=1e-5, err_msg=f"{units} {subset} {k}")
+    assert st.reevaluate(root, ["random"], log=lambda _: None) == []  # every cell current now
+
+    # a kept value the checkpoint does not reproduce is refused, naming the cell
+    bad = os.path.join(root, "random", "ef-s1", "results.json")
+    _strip_new_metrics(bad, scale_energy=2.0)
+    with pytest.raises(ValueError, match=r"ef-s1: re-evaluated test energy_rmse"):
+        st.reevaluate(root, ["random"], log=lambda _: None)
+    assert not os.path.exists(os.path.join(root, "random", "ef-s1", st.LOCK))
+
+
 def test_mini_study_resumes_interrupted_and_skips_locked(mini, tmp_path):
     root = str(tmp_path / "copy")
     shutil.copytree(mini[0], root)

@@ -6,6 +6,7 @@ from phljax.data.prepare import (
     DEFAULT_DATA,
     bundled_path,
     check_elements,
+    composition_matrix,
     dataset_statistics,
     default_data,
     fit_atomic_energies,
@@ -15,5 +16,6 @@ from phljax.data.prepare import (
     select_records,
     split,
     split_indices,
+    unidentified_formulas,
 )
 from phljax.data.records import Molecule, formula, to_atomic_numbers

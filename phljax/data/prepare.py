@@ -10,7 +10,7 @@ import numpy as np
 
 from phljax.data.batching import edges_within
 from phljax.data.hdf5 import read_h5
-from phljax.data.records import Molecule
+from phljax.data.records import Molecule, formula
 
 __all__ = [
     "DEFAULT_DATA",
@@ -20,7 +20,9 @@ __all__ = [
     "split",
     "split_indices",
     "dataset_statistics",
+    "composition_matrix",
     "fit_atomic_energies",
+    "unidentified_formulas",
     "force_rms",
     "mean_neighbors",
     "check_elements",
@@ -142,21 +144,55 @@ def check_elements(molecules: Sequence[Molecule], elements: Sequence[int]) -> No
             raise ValueError(f"{where}: element(s) {sorted(bad)} not in the model's elements {sorted(known)}")
 
 
-def fit_atomic_energies(molecules: Sequence[Molecule], elements: Sequence[int]) -> np.ndarray:
-    """Per-element reference energies (eV) by least squares: E ~ sum_i e[Z_i].
-
-    Returns:
-        [len(elements)] eV. Elements absent from the data get 0.
-    """
+def composition_matrix(molecules: Sequence[Molecule], elements: Sequence[int]) -> np.ndarray:
+    """[len(molecules), len(elements)] atom counts of each element in each molecule."""
     check_elements(molecules, elements)
     index = {int(z): k for k, z in enumerate(elements)}
     counts = np.zeros((len(molecules), len(elements)))
     for i, m in enumerate(molecules):
         for z in m.numbers:
             counts[i, index[int(z)]] += 1
+    return counts
+
+
+def fit_atomic_energies(molecules: Sequence[Molecule], elements: Sequence[int]) -> np.ndarray:
+    """Per-element reference energies (eV) by least squares: E ~ sum_i e[Z_i].
+
+    When the compositions do not determine every element's energy (isomers only, or formulas
+    that differ by a fixed combination of atoms) this is the minimum-norm solution: total
+    energies of compositions outside the span of these (`unidentified_formulas`) are then not
+    determined by the data.
+
+    Returns:
+        [len(elements)] eV. Elements absent from the data get 0.
+    """
+    counts = composition_matrix(molecules, elements)
     energies = np.array([m.energy for m in molecules])
     coef, *_ = np.linalg.lstsq(counts, energies, rcond=None)
     return np.where(counts.sum(0) > 0, coef, 0.0)
+
+
+def unidentified_formulas(train: Sequence[Molecule], others: Sequence[Molecule], elements: Sequence[int]) -> list[str]:
+    """Formulas of `others` whose composition is not a linear combination of `train`'s.
+
+    A model's total energy of such a molecule depends on a combination of per-element energies
+    the training energies do not fix (e.g. training on isomers of C2H4O and CH2O alone fixes
+    O and C + 2H but not C and H apart), so its absolute energy error says nothing about the
+    model; energy differences between molecules of one formula are unaffected.
+
+    Returns:
+        Sorted distinct Hill formulas.
+    """
+    if not others:
+        return []
+    a = composition_matrix(train, elements)
+    b = composition_matrix(others, elements)
+    if len(train):
+        coef, *_ = np.linalg.lstsq(a.T, b.T, rcond=None)  # b_j ~ sum_i coef_ij a_i
+        residual = np.abs(a.T @ coef - b.T).max(axis=0)
+    else:
+        residual = np.abs(b).max(axis=1)
+    return sorted({formula(m.numbers) for m, r in zip(others, residual, strict=True) if r > 1e-6})
 
 
 def force_rms(molecules: Sequence[Molecule]) -> float:

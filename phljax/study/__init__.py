@@ -6,7 +6,7 @@ probes beat one-hot ones? One cell is one `phljax.train.train` run; seed s sets 
 initialisation (and probes) and the split, so the schemes of one seed are paired.
 
     grid.py    cells, protocols, each cell's config, the study's settings and a cell's files
-    runner.py  run_study (priority order, locks, STOP), status and its ETA
+    runner.py  run_study (priority order, locks, STOP), status and its ETA, reevaluate
     stats.py   aggregate (stats over seeds, paired t-tests), tables, learning curves, time to target
     stationary.py item 5 at every stationary point: frequencies, eigenvalues, TS index per cell
     scaling.py the size-scaling study (issue 19): per size bin, probe families x regimes on the xTB
@@ -38,7 +38,15 @@ from phljax.study.grid import (
     protocol_config,
     reaction_folds,
 )  # fmt: skip
-from phljax.study.runner import CellStatus, acquire_lock, format_status, release_lock, run_study, status
+from phljax.study.runner import (
+    CellStatus,
+    acquire_lock,
+    format_status,
+    reevaluate,
+    release_lock,
+    run_study,
+    status,
+)
 from phljax.study.stats import aggregate, comparison_pairs, learning_curves, render_tables
 from phljax.train import train
 from phljax.units import KCAL_MOL
@@ -70,6 +78,7 @@ __all__ = [
     "acquire_lock",
     "release_lock",
     "run_study",
+    "reevaluate",
     "status",
     "format_status",
     "comparison_pairs",

@@ -1,5 +1,6 @@
 """Running the study: one process trains the grid's cells in priority order, resumably, under locks;
-`status` reports the grid with an ETA from measured epoch times."""
+`status` reports the grid with an ETA from measured epoch times; `reevaluate` brings finished
+cells' test errors up to date with `phljax.evaluation`."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ import numpy as np
 
 from phljax import data as phdata
 from phljax.config import Config
+from phljax.evaluation import evaluate_molecules, in_kcal_mol, test_subsets
+from phljax.potential import Potential
 from phljax.study.grid import (
     FAILED,
     LOCK,
+    PROTOCOLS,
     STOP,
     Cell,
     Study,
@@ -32,6 +36,7 @@ from phljax.study.grid import (
     reaction_folds,
 )  # fmt: skip
 from phljax.train import train
+from phljax.train.loop import prepare
 
 
 def _pid_alive(pid: int) -> bool:
@@ -280,3 +285,70 @@ def format_status(rows: Sequence[CellStatus]) -> str:
     if unknown:
         summary += f" + {unknown} cells of schemes with no measured epoch time"
     return "\n".join([*lines, "", summary])
+
+
+#: results.json keys a current evaluation writes (test subsets: energy_rel_*; top level: the rest)
+_CURRENT_TEST_KEYS = ("energy_rel_rmse",)
+_CURRENT_TOP_KEYS = ("unidentified_formulas",)
+_CHECKED = ("energy_rmse", "forces_rmse")  # kept values a re-evaluation must reproduce
+
+
+def _is_current(results: dict) -> bool:
+    test = results.get("errors_ev", {}).get("test", {})
+    return all(k in test for k in _CURRENT_TEST_KEYS) and all(k in results for k in _CURRENT_TOP_KEYS)
+
+
+def reevaluate(
+    root: str, protocols: Sequence[str] = tuple(PROTOCOLS), *, rtol: float = 1e-3, log: Callable[[str], None] = print
+) -> list[str]:
+    """Add the metrics newer evaluations report to finished cells that lack them.
+
+    Each such cell's best checkpoint is evaluated again on its own test split (rebuilt from its
+    config: same data, seed and protocol) with `phljax.evaluation.evaluate_molecules`; metrics its
+    `results.json` lacks (per-formula relative energies, `energy_rel_*`; the formulas whose total
+    energy the training compositions do not fix, `unidentified_formulas`) are added, those it has
+    are kept as they were. A cell in flight (study.lock held) is left alone.
+
+    Raises:
+        ValueError: when a kept energy or force RMSE is not reproduced to `rtol` (the checkpoint
+            or the split is not the one that was evaluated), naming the cell.
+
+    Returns:
+        The cells updated, as `<protocol>/<cell>` paths relative to `root`.
+    """
+    updated = []
+    for protocol in protocols:
+        folder = os.path.join(root, protocol)
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            cell = Cell.parse(protocol, name)
+            workdir = os.path.join(folder, name)
+            results = cell_results(workdir) if cell else None
+            if results is None or _is_current(results) or not acquire_lock(workdir):
+                continue
+            try:
+                config = Config.from_json(json.dumps(results["config"]))
+                run = prepare(config)
+                errors = evaluate_molecules(Potential.from_workdir(workdir), test_subsets(run.subset("test"), "test"))
+                old = results["errors_ev"]
+                for subset, new in errors.items():
+                    kept = old.setdefault(subset, {})
+                    for k in _CHECKED:
+                        if k in kept and not np.isclose(new[k], kept[k], rtol=rtol, atol=0.0):
+                            raise ValueError(
+                                f"{workdir}: re-evaluated {subset} {k} {new[k]:.6g} eV-based, results.json has "
+                                f"{kept[k]:.6g}: not the checkpoint or split that was evaluated"
+                            )
+                    for k, v in new.items():
+                        kept.setdefault(k, v)
+                results["errors_kcal_mol"] = in_kcal_mol(old)
+                results["unidentified_formulas"] = run.unidentified_formulas()
+                path = os.path.join(workdir, "results.json")
+                with open(path + ".tmp", "w") as f:
+                    json.dump(results, f, indent=2)
+                os.replace(path + ".tmp", path)
+            finally:
+                release_lock(workdir)
+            updated.append(os.path.join(protocol, name))
+            unidentified = results["unidentified_formulas"]
+            log(f"{updated[-1]}: re-evaluated; energies not fixed by training: {unidentified or 'none'}")
+    return updated

@@ -333,13 +333,19 @@ def _p(x: float | None) -> str:
     return "p=–" if x is None else f"p={x:.2g}"
 
 
+#: column labels; energy_rel_rmse (each formula's mean error removed) where every run of a cell has it
+_COLUMN_LABELS = {"energy_rmse": "E", "energy_rel_rmse": "E_rel", "forces_rmse": "F", "hessian_rmse": "H"}
+
+
 def _columns(protocol: dict) -> list[tuple[str, str]]:
     names = {s for cell in protocol["cells"].values() for s in cell["subsets"]}
-    return [(s, q) for s in _ordered(names, SUBSETS) for q in QUANTITIES]
+    found = {q for cell in protocol["cells"].values() for d in cell["subsets"].values() for q in d}
+    quantities = [q for q in _COLUMN_LABELS if q in QUANTITIES or q in found]
+    return [(s, q) for s in _ordered(names, SUBSETS) for q in quantities]
 
 
 def _header(columns: Sequence[tuple[str, str]], first: Sequence[str], last: Sequence[str] = ()) -> list[str]:
-    names = [f"{s.upper() if s != 'test' else 'test'} {q.split('_')[0][0].upper()}" for s, q in columns]
+    names = [f"{s.upper() if s != 'test' else 'test'} {_COLUMN_LABELS[q]}" for s, q in columns]
     head = [*first, *names, *last]
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -393,9 +399,10 @@ def render_tables(agg: dict, min_seeds: int = 3) -> str:
     out = []
     for name, protocol in agg["protocols"].items():
         columns = _columns(protocol)
+        rel = "; E_rel: each formula's mean error removed" if any(q == "energy_rel_rmse" for _, q in columns) else ""
         out += [f"## Protocol `{name}`: {protocol['description']}", ""]
         out += [
-            f"RMSE in kcal/mol (E), kcal/mol/A (F), kcal/mol/A^2 (H); mean ± std over seeds (ddof=1); "
+            f"RMSE in kcal/mol (E{rel}), kcal/mol/A (F), kcal/mol/A^2 (H); mean ± std over seeds (ddof=1); "
             f"(change vs E-F, paired seeds); entries over < {min_seeds} seeds are not reported.",
             "",
         ]

@@ -81,6 +81,16 @@ class Run:
         """The records of split `name`."""
         return [self.molecules[i] for i in self.splits[name]]
 
+    def unidentified_formulas(self) -> dict[str, list[str]]:
+        """{'val' | 'test': formulas whose total energy the training compositions do not fix}
+        (`phljax.data.unidentified_formulas`; splits without any are left out)."""
+        train = self.subset("train")
+        found = {
+            name: phdata.unidentified_formulas(train, self.subset(name), self.config.elements)
+            for name in ("val", "test")
+        }
+        return {name: formulas for name, formulas in found.items() if formulas}
+
     def optimizer(self):
         """The configured optimizer; its plateau logic counts this run's steps per epoch."""
         c = self.config
@@ -455,6 +465,8 @@ def _finish(config: Config, run: Run, eval_step, params, stopped: str, startup: 
         "mean_epoch_time_s": float(np.mean(steady)) if steady else None,
         "first_epoch_time_s": times[0] if times else None,
         "n_molecules": {k: len(v) for k, v in run.splits.items()},
+        # formulas whose absolute energy errors are not meaningful: compare energy_rel_* there
+        "unidentified_formulas": run.unidentified_formulas(),
         # this process: seconds from train() to its first finished step, XLA programs compiled (or
         # loaded from the compile cache) up to the test evaluation, by function
         "startup": startup,
@@ -464,6 +476,11 @@ def _finish(config: Config, run: Run, eval_step, params, stopped: str, startup: 
             json.dump(results, f, indent=2)
         print(f"\n{results['scheme']} ({results['epochs_run']} epochs, {results['n_molecules']})")
         print(format_table(errors, results["mean_epoch_time_s"]))
+        for name, formulas in results["unidentified_formulas"].items():
+            print(
+                f"{name}: the training compositions do not fix the total energy of {', '.join(formulas)}; "
+                "their energy errors include an arbitrary offset (energy_rel_* removes it per formula)"
+            )
         if startup["first_step_s"] is not None:
             print(
                 f"first training step after {startup['first_step_s']:.1f} s; {startup['programs']} XLA programs "
