@@ -102,7 +102,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
 def plot(root: str, out_dir: str, agg: dict) -> list[str]:
     """PNGs into `out_dir`, per protocol: validation E/F/H RMSE (where logged) and loss against epoch
     and wall time, seed means (curves-<protocol>.png), and test RMSE per category, mean with
-    sample-std error bars over seeds (bars-<protocol>.png). Returns the paths."""
+    sample-std error bars over seeds (bars-<protocol>.png; energy_rel_rmse, each formula's mean error
+    removed, beside energy_rmse where the cells have it). Returns the paths."""
     import matplotlib  # noqa: PLC0415 (optional: the dev extra)
 
     matplotlib.use("Agg")
@@ -131,9 +132,11 @@ def plot(root: str, out_dir: str, agg: dict) -> list[str]:
     for protocol, entry in agg["protocols"].items():
         cells = entry["cells"]
         subsets = [s for s in SUBSETS if any(s in c["subsets"] for c in cells.values())]
-        fig, axes = plt.subplots(1, len(QUANTITIES), figsize=(5 * len(QUANTITIES), 3.5), squeeze=False)
+        found = {q for c in cells.values() for d in c["subsets"].values() for q in d}
+        quantities = [q for q in ("energy_rmse", "energy_rel_rmse", *QUANTITIES[1:]) if q in QUANTITIES or q in found]
+        fig, axes = plt.subplots(1, len(quantities), figsize=(5 * len(quantities), 3.5), squeeze=False)
         width = 0.8 / max(len(cells), 1)
-        for ax, q in zip(axes[0], QUANTITIES, strict=True):
+        for ax, q in zip(axes[0], quantities, strict=True):
             for i, (key, cell) in enumerate(cells.items()):
                 st = [cell["subsets"].get(s, {}).get(q) for s in subsets]
                 mean = [np.nan if x is None else x["mean"] for x in st]

@@ -211,6 +211,10 @@ def test_status_and_eta(tmp_path):
     assert rows["efhvp-random-randomized-s1"].eta_s == 10 * 3
     text = st.format_status(list(rows.values()))
     assert "1/4 done, 1 running, 1 failed, 1 left" in text and "| random | ef-s1 | left | 3 | 1 | 3 s |" in text
+    assert "random: all 2 cells done for seeds none (0 of 2)" in text
+    _write_cell(root, "random", "ef-s1", errors=errors, times=[4, 2, 2])
+    _write_cell(root, "random", "efhvp-random-randomized-s0", errors=errors, times=[9, 3, 3])
+    assert "random: all 2 cells done for seeds 0 (1 of 2)" in st.format_status(st.status(root))
 
 
 def _fake_train(results):

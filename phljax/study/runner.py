@@ -284,7 +284,22 @@ def format_status(rows: Sequence[CellStatus]) -> str:
     summary += _duration(sum(r.eta_s or 0.0 for r in pending))
     if unknown:
         summary += f" + {unknown} cells of schemes with no measured epoch time"
-    return "\n".join([*lines, "", summary])
+    return "\n".join([*lines, "", *_complete_seeds(rows), summary])
+
+
+def _complete_seeds(rows: Sequence[CellStatus]) -> list[str]:
+    """Per protocol: the seeds whose every cell is done, e.g. 'random: every cell done for seeds 0-2 (3)'."""
+    out = []
+    for protocol in dict.fromkeys(r.cell.protocol for r in rows):
+        seeds: dict[int, bool] = {}
+        for r in rows:
+            if r.cell.protocol == protocol:
+                seeds[r.cell.seed] = seeds.get(r.cell.seed, True) and r.state == "done"
+        done = sorted(s for s, ok in seeds.items() if ok)
+        cells = len({r.cell.key for r in rows if r.cell.protocol == protocol})
+        listed = ", ".join(map(str, done)) if done else "none"
+        out.append(f"{protocol}: all {cells} cells done for seeds {listed} ({len(done)} of {len(seeds)})")
+    return [*out, ""] if out else []
 
 
 #: results.json keys a current evaluation writes (test subsets: energy_rel_*; top level: the rest)
