@@ -288,7 +288,7 @@ def format_status(rows: Sequence[CellStatus]) -> str:
 
 
 def _complete_seeds(rows: Sequence[CellStatus]) -> list[str]:
-    """Per protocol: the seeds whose every cell is done, e.g. 'random: every cell done for seeds 0-2 (3)'."""
+    """Per protocol: the seeds whose every cell is done, e.g. 'random: all 6 cells done for seeds 0, 1, 2 (3 of 4)'."""
     out = []
     for protocol in dict.fromkeys(r.cell.protocol for r in rows):
         seeds: dict[int, bool] = {}
