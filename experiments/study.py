@@ -50,6 +50,7 @@ from phljax.study import (
     render_tables,
     run_study,
     status,
+    table_quantities,
 )
 from phljax.study.stationary import DEFAULT_DATA, STATIONARY_JSON, render_stationary, stationary_study
 
@@ -132,8 +133,7 @@ def plot(root: str, out_dir: str, agg: dict) -> list[str]:
     for protocol, entry in agg["protocols"].items():
         cells = entry["cells"]
         subsets = [s for s in SUBSETS if any(s in c["subsets"] for c in cells.values())]
-        found = {q for c in cells.values() for d in c["subsets"].values() for q in d}
-        quantities = [q for q in ("energy_rmse", "energy_rel_rmse", *QUANTITIES[1:]) if q in QUANTITIES or q in found]
+        quantities = table_quantities(cells)
         fig, axes = plt.subplots(1, len(quantities), figsize=(5 * len(quantities), 3.5), squeeze=False)
         width = 0.8 / max(len(cells), 1)
         for ax, q in zip(axes[0], quantities, strict=True):

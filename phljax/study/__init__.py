@@ -47,7 +47,7 @@ from phljax.study.runner import (
     run_study,
     status,
 )
-from phljax.study.stats import aggregate, comparison_pairs, learning_curves, render_tables
+from phljax.study.stats import aggregate, comparison_pairs, learning_curves, render_tables, table_quantities
 from phljax.train import train
 from phljax.units import KCAL_MOL
 
@@ -83,4 +83,5 @@ __all__ = [
     "format_status",
     "comparison_pairs",
     "learning_curves",
+    "table_quantities",
 ]

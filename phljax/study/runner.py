@@ -36,7 +36,7 @@ from phljax.study.grid import (
     reaction_folds,
 )  # fmt: skip
 from phljax.train import train
-from phljax.train.loop import prepare
+from phljax.train.loop import prepare, write_atomic
 
 
 def _pid_alive(pid: int) -> bool:
@@ -364,10 +364,7 @@ def reevaluate(
                         kept.setdefault(k, v)
                 results["errors_kcal_mol"] = in_kcal_mol(old)
                 results["unidentified_formulas"] = run.unidentified_formulas()
-                path = os.path.join(workdir, "results.json")
-                with open(path + ".tmp", "w") as f:
-                    json.dump(results, f, indent=2)
-                os.replace(path + ".tmp", path)
+                write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
             finally:
                 release_lock(workdir)
             updated.append(os.path.join(protocol, name))

@@ -32,6 +32,7 @@ from phljax.evaluation import STATIONARY, in_kcal_mol, reduce_stationary, statio
 from phljax.potential import Potential
 from phljax.study.grid import _KEYS, PROTOCOLS, Cell, _label, cell_results
 from phljax.study.stats import _ordered, _paired, _stats, comparison_pairs
+from phljax.train.loop import write_atomic
 
 __all__ = [
     "STATIONARY_JSON",
@@ -74,10 +75,7 @@ def cell_stationary(root: str, cell: Cell, points: Sequence[Molecule]) -> dict |
         with open(path) as f:
             return json.load(f)
     out = evaluate_cell(workdir, points)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(out, indent=2))
     return out
 
 

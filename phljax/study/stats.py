@@ -337,11 +337,16 @@ def _p(x: float | None) -> str:
 _COLUMN_LABELS = {"energy_rmse": "E", "energy_rel_rmse": "E_rel", "forces_rmse": "F", "hessian_rmse": "H"}
 
 
+def table_quantities(cells: dict) -> list[str]:
+    """The quantities the tables and plots report for `aggregate(...)` cells of one protocol:
+    QUANTITIES, with energy_rel_rmse after energy_rmse where any cell has it."""
+    found = {q for cell in cells.values() for d in cell["subsets"].values() for q in d}
+    return [q for q in _COLUMN_LABELS if q in QUANTITIES or q in found]
+
+
 def _columns(protocol: dict) -> list[tuple[str, str]]:
     names = {s for cell in protocol["cells"].values() for s in cell["subsets"]}
-    found = {q for cell in protocol["cells"].values() for d in cell["subsets"].values() for q in d}
-    quantities = [q for q in _COLUMN_LABELS if q in QUANTITIES or q in found]
-    return [(s, q) for s in _ordered(names, SUBSETS) for q in quantities]
+    return [(s, q) for s in _ordered(names, SUBSETS) for q in table_quantities(protocol["cells"])]
 
 
 def _header(columns: Sequence[tuple[str, str]], first: Sequence[str], last: Sequence[str] = ()) -> list[str]:

@@ -231,12 +231,12 @@ def _check_workdir(config: Config) -> None:
     if distributed.is_main_process():
         try:
             os.makedirs(config.workdir, exist_ok=True)
-            _write_atomic(path, config.to_json())
+            write_atomic(path, config.to_json())
         except OSError as e:  # read-only, full, or not a directory: say so before any training
             raise OSError(e.errno, f"cannot write the work directory {config.workdir!r} ({e.strerror})") from e
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     """Write `text` to `path` so that a kill leaves the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -261,7 +261,7 @@ def _truncate_metrics(path: str, epochs: int) -> None:
         except (json.JSONDecodeError, KeyError):  # a line cut short by a kill: the epoch is redone
             continue
     if len(kept) != len(lines):
-        _write_atomic(path, "".join(kept))
+        write_atomic(path, "".join(kept))
 
 
 def initial_record(run: Run, optimizer) -> dict:
