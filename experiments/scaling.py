@@ -67,7 +67,9 @@ def scaling_parser() -> argparse.ArgumentParser:
 def plot(agg: dict, root: str, out_dir: str, label_cost: str | None = None, memory: str | None = None) -> list[str]:
     """rmse-vs-n.png (test E, F, H RMSE per bin, mean ± std over seeds, per scheme),
     variance-vs-n.png (closed-form one-probe variance per test geometry and family, E-F-trained
-    models, log-log, with the fitted exponents), and from the given JSONs label-cost-vs-n.png
+    models or else the scheme evaluated on most geometries, log-log, with the fitted exponents),
+    gap-vs-n.png (the RMSE ratio of each compared pair per bin, and the one-hot/Gaussian variance
+    ratio per test geometry for every trained scheme, against N), and from the given JSONs label-cost-vs-n.png
     (seconds per geometry: FD Hessian against K FD HVPs) and memory-vs-n.png (XLA peak bytes of
     one training step: E-F, HVP K=1, E-F-H all columns at once and chunked)."""
     import matplotlib  # noqa: PLC0415 (optional: the dev extra)
@@ -100,18 +102,41 @@ def plot(agg: dict, root: str, out_dir: str, label_cost: str | None = None, memo
     fig.suptitle("scaling set: test RMSE per size bin (kcal/mol units), mean ± std over seeds")
     paths.append(save(fig, "rmse-vs-n.png"))
     geoms = scaling.geometries_by_scheme(root)
-    if "ef" in geoms:
-        rows = geoms["ef"]
+    if geoms:  # the E-F models' error matrices, else those of the scheme evaluated on most geometries
+        key = "ef" if "ef" in geoms else max(geoms, key=lambda k: (len(geoms[k]), k))
+        rows = geoms[key]
         fig, ax = plt.subplots(figsize=(6, 4.5))
         n = [g["n_atoms"] for g in rows]
         for fam in scaling.FAMILIES:
-            fit = agg["exponents"]["ef"][f"{fam}_formula"]
+            fit = agg["exponents"][key][f"{fam}_formula"]
             ax.loglog(n, [g["formula"][fam] for g in rows], "o", ms=3, alpha=0.6,
                       label=f"{fam}: N^{fit['exponent']:.2f}")  # fmt: skip
         ax.set(xlabel="atoms N", ylabel="Var[v^T A v], A = dH^T dH ((eV/A^2)^4)")
         ax.legend(fontsize="small")
-        ax.set_title("one-probe estimator variance on E-F models' test error matrices")
+        ax.set_title(f"one-probe estimator variance, {key} models' test error matrices", fontsize="medium")
         paths.append(save(fig, "variance-vs-n.png"))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for name, t in agg.get("gap_trends", {}).items():
+            fit = t["hessian_rmse"]
+            pts = [(e["mean_atoms"], e["hessian_rmse"]) for e in t["by_bin"].values()]
+            label = f"{name}: N^{fit['exponent']:+.2f} (p={fit['p_value']:.2g})"
+            axes[0].plot(*zip(*pts, strict=True), "o-", label=label)
+        axes[0].axhline(1.0, color="k", lw=0.8, ls=":")
+        axes[0].set(xscale="log", xlabel="atoms (bin mean)", ylabel="test Hessian RMSE ratio b / a (geometric mean)")
+        axes[0].set_title("the accuracy gap: < 1 = b better than a", fontsize="medium")
+        axes[0].legend(fontsize="x-small")
+        for key, rows in sorted(geoms.items()):
+            fit = agg["exponents"][key]["onehot_over_gaussian"]
+            ratio = [g["formula"]["onehot"] / g["formula"]["gaussian"] for g in rows]
+            axes[1].loglog([g["n_atoms"] for g in rows], ratio, "o", ms=3, alpha=0.5,
+                           label=f"{key}: N^{fit['exponent']:.2f}")  # fmt: skip
+        n_all = sorted({g["n_atoms"] for rows in geoms.values() for g in rows})
+        if n_all:
+            axes[1].loglog(n_all, [n / n_all[0] for n in n_all], "k--", lw=0.8, label="N^1 (local errors, theory)")
+        axes[1].set(xlabel="atoms N", ylabel="Var one-hot / Var Gaussian (closed form)")
+        axes[1].set_title("estimator variance ratio on each test error matrix", fontsize="medium")
+        axes[1].legend(fontsize="x-small")
+        paths.append(save(fig, "gap-vs-n.png"))
     if label_cost:
         with open(label_cost) as f:
             rows = json.load(f)["rows"]

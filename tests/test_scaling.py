@@ -128,7 +128,18 @@ def test_mini_scaling_study_end_to_end(tiny_scaling):
     assert ev["hessian_rmse"] == pytest.approx(h)
     ex = agg["exponents"]["onehot-pool"]
     assert ex["gaussian_formula"]["n_points"] == 2 * (4 + 4) and np.isfinite(ex["onehot_over_gaussian"]["exponent"])
-    assert "gaussian-pool vs onehot-pool" in scaling.render_tables(agg)
+    # the gap trend: log(Gaussian / one-hot RMSE) of every (bin, seed) regressed on log(bin mean N)
+    trend = agg["gap_trends"]["gaussian-pool vs onehot-pool"]
+    x = [np.log(evals[b, "onehot-pool", s]["mean_atoms"]) for b in ("1-3", "4-9") for s in (0, 1)]
+    y = [np.log(evals[b, "gaussian-pool", s]["hessian_rmse"] / evals[b, "onehot-pool", s]["hessian_rmse"])
+         for b in ("1-3", "4-9") for s in (0, 1)]  # fmt: skip
+    fit = stats.linregress(x, y)
+    assert trend["n_bins"] == 2 and trend["hessian_rmse"]["n_points"] == 4
+    assert trend["hessian_rmse"]["exponent"] == pytest.approx(fit.slope)
+    assert trend["hessian_rmse"]["p_value"] == pytest.approx(fit.pvalue)
+    assert trend["by_bin"]["4-9"]["hessian_rmse"] == pytest.approx(np.exp(np.mean(y[2:])))
+    tables = scaling.render_tables(agg)
+    assert "gaussian-pool vs onehot-pool" in tables and "p (exponent 0)" in tables
     # rerunning does nothing: every cell is evaluated
     with open(os.path.join(root, scaling.SETTINGS)) as f:
         paths = json.load(f)["paths"]

@@ -345,9 +345,9 @@ def test_aggregate_statistics(fabricated):
 
 
 def test_paired_edge_cases():
-    assert st.stats._paired({0: 1.0}, {0: 2.0})["p_value"] is None  # n = 1
-    assert st.stats._paired({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})["p_value"] is None  # no spread: NaN -> None
-    assert st.stats._paired({0: 1.0}, {1: 2.0}) == {
+    assert st.stats.paired({0: 1.0}, {0: 2.0})["p_value"] is None  # n = 1
+    assert st.stats.paired({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})["p_value"] is None  # no spread: NaN -> None
+    assert st.stats.paired({0: 1.0}, {1: 2.0}) == {
         "n": 0,
         "seeds": [],
         "mean_diff": None,

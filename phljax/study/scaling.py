@@ -44,8 +44,7 @@ from phljax.datagen.labels import make_probes
 from phljax.potential import Potential
 from phljax.probes import hutchinson_variance
 from phljax.study.runner import Job, run_cells
-from phljax.study.stats import _paired as paired
-from phljax.study.stats import _stats as seed_stats
+from phljax.study.stats import paired, seed_stats
 from phljax.train import train
 from phljax.units import KCAL_MOL
 
@@ -64,6 +63,7 @@ REGIMES = {"fixed": "data", "pool": "pool", "randomized": "randomized"}  # regim
 HESSIAN_REGIMES = ("randomized",)  # regimes that train on stored Hessians
 FAMILIES = ("gaussian", "rademacher", "onehot")  # estimator families evaluated on every error matrix
 EVAL = "scale_eval.json"
+QUANTITIES = ("energy_rmse", "forces_rmse", "hessian_rmse")  # test errors of every evaluated cell
 SETTINGS = "scaling.json"
 # (key a, key b) compared per bin: one-hot against each random family per regime, and K = 4
 # orthogonal against K = 4 i.i.d. Gaussian probes (randomized regime)
@@ -310,6 +310,10 @@ def _bin_dirs(root: str) -> list[str]:
     return sorted(bins, key=bin_low)
 
 
+def _bins_of(done: dict[tuple[str, str], Any]) -> list[str]:
+    return sorted({b for b, _ in done}, key=bin_low)
+
+
 def _cells_done(root: str) -> dict[tuple[str, str], dict[int, dict]]:
     """{(bin, key): {seed: scale_eval.json}} of the evaluated cells under ``root``."""
     out: dict[tuple[str, str], dict[int, dict]] = {}
@@ -341,19 +345,41 @@ def fit_exponent(n_atoms: Sequence[float], values: Sequence[float]) -> dict[str,
     fit = stats.linregress(x, y)
     half = stats.t.ppf(0.975, len(x) - 2) * fit.stderr if len(x) > 2 else float("nan")
     return {"exponent": float(fit.slope), "stderr": float(fit.stderr), "ci95": [float(fit.slope - half),
-            float(fit.slope + half)], "n_points": len(x)}  # fmt: skip
+            float(fit.slope + half)], "p_value": float(fit.pvalue), "n_points": len(x)}  # fmt: skip
+
+
+def gap_trend(done: dict[tuple[str, str], dict[int, dict]], ka: str, kb: str) -> dict[str, Any] | None:
+    """Does cell key b's advantage over a change with N? For every (bin, seed) both have, the ratio
+    b / a of the test RMSE (E, F, H); its exponent of N (:func:`fit_exponent` against the bin's mean
+    atoms: 0 = a constant gap, < 0 = b pulls away from a as molecules grow; ``p_value`` tests
+    exponent 0) and per bin the geometric mean ratio. None when fewer than 2 bins have both."""
+    points = {}  # bin -> [(mean atoms, {quantity: ratio})] over the seeds both have
+    for b in _bins_of(done):
+        sa, sb = done.get((b, ka), {}), done.get((b, kb), {})
+        for s in sorted(set(sa) & set(sb)):
+            points.setdefault(b, []).append((sa[s]["mean_atoms"], {q: sb[s][q] / sa[s][q] for q in QUANTITIES}))
+    if len(points) < 2:
+        return None
+    flat = [p for pts in points.values() for p in pts]
+    n = [m for m, _ in flat]
+    by_bin = {b: {"mean_atoms": pts[0][0], "n_seeds": len(pts),
+                  **{q: float(np.exp(np.mean([np.log(r[q]) for _, r in pts]))) for q in QUANTITIES}}
+              for b, pts in points.items()}  # fmt: skip
+    fits = {q: fit_exponent(n, [r[q] for _, r in flat]) for q in QUANTITIES}
+    return {"n_bins": len(points), "by_bin": by_bin, **fits}
 
 
 def aggregate(root: str) -> dict[str, Any]:
     """Per bin and cell key: mean/std over seeds of E, F, H RMSE; per bin and pair of
     :data:`PAIRS`: paired t-test over seeds of the Hessian (and E, F) RMSE; per probe family:
     exponents of the estimator variance against N over every evaluated test geometry (closed form
-    and Monte Carlo), per training scheme; written to ``<root>/aggregate.json``."""
+    and Monte Carlo), per training scheme; per pair of :data:`PAIRS` seen in >= 2 bins: the trend of
+    its RMSE ratio with N (:func:`gap_trend`, "gap_trends"); written to ``<root>/aggregate.json``."""
     done = _cells_done(root)
     bins: dict[str, dict] = {}
     for (b, key), seeds in done.items():
         entry = bins.setdefault(b, {"cells": {}, "pairs": {}})
-        vals = {q: [s[q] for s in seeds.values()] for q in ("energy_rmse", "forces_rmse", "hessian_rmse")}
+        vals = {q: [s[q] for s in seeds.values()] for q in QUANTITIES}
         entry["mean_atoms"] = next(iter(seeds.values()))["mean_atoms"]
         entry["cells"][key] = {"n_seeds": len(seeds), **{q: seed_stats(dict(enumerate(v))) for q, v in vals.items()}}
     for b in bins:
@@ -363,7 +389,7 @@ def aggregate(root: str) -> dict[str, Any]:
             if len(common) < 2:
                 continue
             pair = {"n_seeds": len(common)}
-            for q in ("energy_rmse", "forces_rmse", "hessian_rmse"):
+            for q in QUANTITIES:
                 st = paired({s: sb[s][q] for s in common}, {s: sa[s][q] for s in common})  # b against a
                 pair[q] = {"change_pct": st["rel_diff_pct"], "p_value": st["p_value"]}
             bins[b]["pairs"][f"{kb} vs {ka}"] = pair
@@ -381,7 +407,9 @@ def aggregate(root: str) -> dict[str, Any]:
             ratio = [g["k_probe"]["orthogonal"] / g["k_probe"]["gaussian"] for g in kk]
             ex["orthogonal_over_gaussian_k"] = fit_exponent([g["n_atoms"] for g in kk], ratio)
         exponents[key] = ex
-    out = {"bins": dict(sorted(bins.items(), key=lambda kv: bin_low(kv[0]))), "exponents": exponents}
+    trends = {f"{kb} vs {ka}": t for ka, kb in PAIRS if (t := gap_trend(done, ka, kb))}
+    out = {"bins": dict(sorted(bins.items(), key=lambda kv: bin_low(kv[0]))), "exponents": exponents,
+           "gap_trends": trends}  # fmt: skip
     with open(os.path.join(root, "aggregate.json"), "w") as f:
         json.dump(out, f, indent=1)
     return out
@@ -393,7 +421,8 @@ def _pct_p(x: dict) -> str:  # "change | p"; None (no spread, zero mean) reads "
 
 
 def render_tables(agg: dict[str, Any]) -> str:
-    """Markdown: test Hessian RMSE per bin and scheme (mean ± std, n), the pair tests, the exponents."""
+    """Markdown: test Hessian RMSE per bin and scheme (mean ± std, n), the pair tests, the exponents,
+    the gap trends."""
     keys = sorted({k for b in agg["bins"].values() for k in b["cells"]})
     lines = ["| bin | mean N | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for b, entry in agg["bins"].items():
@@ -419,4 +448,13 @@ def render_tables(agg: dict[str, Any]) -> str:
         for q, fit in ex.items():
             lines.append(f"| {key} | {q} | {fit['exponent']:.2f} | [{fit['ci95'][0]:.2f}, {fit['ci95'][1]:.2f}] | "
                          f"{fit['n_points']} |")  # fmt: skip
+    if agg.get("gap_trends"):
+        lines += ["", "| comparison (ratio b / a) | quantity | ratio per bin (mean N: geometric mean over seeds) | "
+                  "exponent of N | 95% CI | p (exponent 0) | points |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, t in agg["gap_trends"].items():
+            for q in QUANTITIES:
+                per_bin = ", ".join(f"{e['mean_atoms']:.0f}: {e[q]:.2f}" for e in t["by_bin"].values())
+                fit = t[q]
+                lines.append(f"| {name} | {q} | {per_bin} | {fit['exponent']:+.3f} | [{fit['ci95'][0]:+.3f}, "
+                             f"{fit['ci95'][1]:+.3f}] | {fit['p_value']:.3g} | {fit['n_points']} |")  # fmt: skip
     return "\n".join(lines)

@@ -31,7 +31,7 @@ from phljax.data import Molecule, bundled_path, load
 from phljax.evaluation import STATIONARY, in_kcal_mol, reduce_stationary, stationary_rows
 from phljax.potential import Potential
 from phljax.study.grid import _KEYS, PROTOCOLS, Cell, _label, cell_results
-from phljax.study.stats import _ordered, _paired, _stats, comparison_pairs
+from phljax.study.stats import _ordered, comparison_pairs, paired, seed_stats
 from phljax.train.loop import write_atomic
 
 __all__ = [
@@ -118,13 +118,13 @@ def stationary_study(
             key: {
                 "scheme": _label(key),
                 "seeds": sorted({s for m in values[key]["all"].values() for s in m}),
-                **{kind: {m: _stats(v) for m, v in by_kind.items()} for kind, by_kind in values[key].items()},
+                **{kind: {m: seed_stats(v) for m, v in by_kind.items()} for kind, by_kind in values[key].items()},
             }
             for key in _ordered(values, list(_KEYS))
         }
         pairs = {
             f"{a} vs {b}": {
-                kind: {m: _paired(v, values[b][kind][m]) for m, v in by_kind.items() if m in values[b].get(kind, {})}
+                kind: {m: paired(v, values[b][kind][m]) for m, v in by_kind.items() if m in values[b].get(kind, {})}
                 for kind, by_kind in values[a].items()
             }
             for a, b, _ in comparison_pairs()

@@ -69,7 +69,7 @@ def _nan_to_none(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _stats(by_seed: dict[int, float]) -> dict:
+def seed_stats(by_seed: dict[int, float]) -> dict:
     """mean, sample std (ddof=1; None for n < 2), n, seeds and values over seeds."""
     seeds = sorted(by_seed)
     values = np.array([by_seed[s] for s in seeds], dtype=float)
@@ -83,7 +83,7 @@ def _stats(by_seed: dict[int, float]) -> dict:
     }
 
 
-def _paired(a: dict[int, float], b: dict[int, float]) -> dict:
+def paired(a: dict[int, float], b: dict[int, float]) -> dict:
     """Paired comparison of a with reference b over the seeds both have.
 
     Returns:
@@ -133,7 +133,7 @@ def aggregate(root: str) -> dict:
           "pairs": {"<a> vs <b>": {"a", "b", "regime",
                                    "subsets": {subset: {quantity: paired}}}}}}}
         with stats = {mean, std (ddof=1), n, seeds, values} and paired = {n, seeds, mean_diff,
-        rel_diff_pct, p_value} (`_paired`). Subsets: 'test' and the categories ('rtp', 'irc',
+        rel_diff_pct, p_value} (`paired`). Subsets: 'test' and the categories ('rtp', 'irc',
         'nms', ...); quantities: the RMSEs and every other numeric key all of a cell's runs report
         for that subset, in kcal/mol units. NaN is written as null.
     """
@@ -155,10 +155,10 @@ def aggregate(root: str) -> dict:
                 }
                 per_subset[subset] = {
                     "n_molecules": [having[s].get("n_molecules") for s in sorted(having)],
-                    **{q: _stats(v) for q, v in values[key][subset].items()},
+                    **{q: seed_stats(v) for q, v in values[key][subset].items()},
                 }
             timing = {
-                name: _stats({s: float(r[name]) for s, r in runs.items() if _numeric(r.get(name))})
+                name: seed_stats({s: float(r[name]) for s, r in runs.items() if _numeric(r.get(name))})
                 for name in ("epochs_run", "mean_epoch_time_s")
                 if any(_numeric(r.get(name)) for r in runs.values())
             }
@@ -180,7 +180,7 @@ def aggregate(root: str) -> dict:
                 "regime": regime,
                 "subsets": {
                     subset: {
-                        q: _paired(qa, values[b][subset][q]) for q, qa in quantities.items() if q in values[b][subset]
+                        q: paired(qa, values[b][subset][q]) for q, qa in quantities.items() if q in values[b][subset]
                     }
                     for subset, quantities in values[a].items()
                     if subset in values[b]
@@ -210,7 +210,7 @@ def time_to_target(root: str, protocol: str, quantity: str = "hessian_rmse") -> 
     Returns:
         {"quantity", "target" (None: no curvature run has validation errors), "cells": {key:
         {"scheme", "reached": n, "runs": n, "epochs": stats, "train_time_s": stats}}} (stats over
-        the seeds that reached the target, as `_stats`), and "efh_over_hvp_epoch_time": the paired
+        the seeds that reached the target, as `seed_stats`), and "efh_over_hvp_epoch_time": the paired
         per-seed ratio of E-F-H's mean epoch time to each HVP scheme's ({key: stats}).
     """
     column = f"val_{quantity}"
@@ -244,8 +244,8 @@ def time_to_target(root: str, protocol: str, quantity: str = "hessian_rmse") -> 
             "scheme": _label(key),
             "reached": len(reached),
             "runs": len(runs[key]),
-            "epochs": _stats({s: e for s, (e, _) in reached.items()}) if reached else None,
-            "train_time_s": _stats({s: t for s, (_, t) in reached.items()}) if reached else None,
+            "epochs": seed_stats({s: e for s, (e, _) in reached.items()}) if reached else None,
+            "train_time_s": seed_stats({s: t for s, (_, t) in reached.items()}) if reached else None,
         }
     ratios = {}
     if "efh" in runs:
@@ -254,7 +254,7 @@ def time_to_target(root: str, protocol: str, quantity: str = "hessian_rmse") -> 
             hvp = {s: float(np.median([x["epoch_time_s"] for x in ls[1:] or ls])) for s, ls in runs[key].items()}
             common = sorted(set(efh) & set(hvp))
             if common:
-                ratios[key] = _stats({s: efh[s] / hvp[s] for s in common})
+                ratios[key] = seed_stats({s: efh[s] / hvp[s] for s in common})
     return {"quantity": quantity, "target": target, "cells": cells, "efh_over_hvp_epoch_time": ratios}
 
 
@@ -269,7 +269,7 @@ def checkpoint_selection(root: str, protocol: str, quantity: str = "energy_rmse"
     Returns:
         {"quantity", "cells": {key: {"at_selected": stats, "best_any_epoch": stats,
         "selection_cost": stats}}, "vs_ef": {key: stats of (best_any_epoch - E-F at_selected),
-        paired seeds}} (stats as `_stats`).
+        paired seeds}} (stats as `seed_stats`).
     """
     column = f"val_{quantity}"
     per_key: dict[str, dict[int, tuple[float, float]]] = {}
@@ -287,9 +287,9 @@ def checkpoint_selection(root: str, protocol: str, quantity: str = "energy_rmse"
         per_key.setdefault(cell.key, {})[cell.seed] = (selected, min(line[column] for line in logged) / KCAL_MOL)
     cells = {
         key: {
-            "at_selected": _stats({s: a for s, (a, _) in seeds.items()}),
-            "best_any_epoch": _stats({s: b for s, (_, b) in seeds.items()}),
-            "selection_cost": _stats({s: a - b for s, (a, b) in seeds.items()}),
+            "at_selected": seed_stats({s: a for s, (a, _) in seeds.items()}),
+            "best_any_epoch": seed_stats({s: b for s, (_, b) in seeds.items()}),
+            "selection_cost": seed_stats({s: a - b for s, (a, b) in seeds.items()}),
         }
         for key, seeds in ((k, per_key[k]) for k in _ordered(per_key, list(_KEYS)))
     }
@@ -298,7 +298,7 @@ def checkpoint_selection(root: str, protocol: str, quantity: str = "energy_rmse"
     for key, seeds in per_key.items():
         common = sorted(set(seeds) & set(ef))
         if key != "ef" and common:
-            vs_ef[key] = _stats({s: seeds[s][1] - ef[s][0] for s in common})
+            vs_ef[key] = seed_stats({s: seeds[s][1] - ef[s][0] for s in common})
     return {"quantity": quantity, "cells": cells, "vs_ef": vs_ef}
 
 
