@@ -42,6 +42,9 @@ def test_fit_exponent_recovers_a_power_law():
     noise = np.exp(np.random.default_rng(1).normal(0, 0.1, n.size))
     fit = scaling.fit_exponent(n, 3.0 * n**1.7 * noise)
     assert fit["exponent"] == pytest.approx(1.7, abs=0.15) and fit["ci95"][0] <= 1.7 <= fit["ci95"][1]
+    assert fit["p_value"] == pytest.approx(stats.linregress(np.log(n), np.log(3.0 * n**1.7 * noise)).pvalue)
+    two = scaling.fit_exponent([10, 20], [1.0, 4.0])  # a line through 2 points: no interval, no test
+    assert two["exponent"] == pytest.approx(2.0) and two["ci95"] is two["p_value"] is two["stderr"] is None
 
 
 def test_cells_and_their_configs(tmp_path):

@@ -340,12 +340,16 @@ def geometries_by_scheme(root: str) -> dict[str, list[dict]]:
 
 
 def fit_exponent(n_atoms: Sequence[float], values: Sequence[float]) -> dict[str, float]:
-    """Least-squares slope of log(values) against log(N) with its standard error and 95% interval."""
+    """Least-squares slope of log(values) against log(N) with its standard error, 95% interval and
+    p-value of slope 0 (``scipy.stats.linregress``); those three are None with fewer than 3 points."""
     x, y = np.log(np.asarray(n_atoms, float)), np.log(np.asarray(values, float))
     fit = stats.linregress(x, y)
-    half = stats.t.ppf(0.975, len(x) - 2) * fit.stderr if len(x) > 2 else float("nan")
-    return {"exponent": float(fit.slope), "stderr": float(fit.stderr), "ci95": [float(fit.slope - half),
-            float(fit.slope + half)], "p_value": float(fit.pvalue), "n_points": len(x)}  # fmt: skip
+    out = {"exponent": float(fit.slope), "stderr": None, "ci95": None, "p_value": None, "n_points": len(x)}
+    if len(x) > 2:
+        half = stats.t.ppf(0.975, len(x) - 2) * fit.stderr
+        out |= {"stderr": float(fit.stderr), "ci95": [float(fit.slope - half), float(fit.slope + half)],
+                "p_value": float(fit.pvalue)}  # fmt: skip
+    return out
 
 
 def gap_trend(done: dict[tuple[str, str], dict[int, dict]], ka: str, kb: str) -> dict[str, Any] | None:
@@ -420,6 +424,10 @@ def _pct_p(x: dict) -> str:  # "change | p"; None (no spread, zero mean) reads "
     return change + " | " + ("–" if x["p_value"] is None else f"{x['p_value']:.3f}")
 
 
+def _ci(fit: dict, fmt: str) -> str:  # "[lo, hi]"; "–" without an interval (fewer than 3 points)
+    return "–" if fit["ci95"] is None else f"[{fit['ci95'][0]:{fmt}}, {fit['ci95'][1]:{fmt}}]"
+
+
 def render_tables(agg: dict[str, Any]) -> str:
     """Markdown: test Hessian RMSE per bin and scheme (mean ± std, n), the pair tests, the exponents,
     the gap trends."""
@@ -446,8 +454,7 @@ def render_tables(agg: dict[str, Any]) -> str:
     lines += ["", "| trained as | quantity | exponent of N | 95% CI | points |", "|---|---|---|---|---|"]
     for key, ex in agg["exponents"].items():
         for q, fit in ex.items():
-            lines.append(f"| {key} | {q} | {fit['exponent']:.2f} | [{fit['ci95'][0]:.2f}, {fit['ci95'][1]:.2f}] | "
-                         f"{fit['n_points']} |")  # fmt: skip
+            lines.append(f"| {key} | {q} | {fit['exponent']:.2f} | {_ci(fit, '.2f')} | {fit['n_points']} |")
     if agg.get("gap_trends"):
         lines += ["", "| comparison (ratio b / a) | quantity | ratio per bin (mean N: geometric mean over seeds) | "
                   "exponent of N | 95% CI | p (exponent 0) | points |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -455,6 +462,7 @@ def render_tables(agg: dict[str, Any]) -> str:
             for q in QUANTITIES:
                 per_bin = ", ".join(f"{e['mean_atoms']:.0f}: {e[q]:.2f}" for e in t["by_bin"].values())
                 fit = t[q]
-                lines.append(f"| {name} | {q} | {per_bin} | {fit['exponent']:+.3f} | [{fit['ci95'][0]:+.3f}, "
-                             f"{fit['ci95'][1]:+.3f}] | {fit['p_value']:.3g} | {fit['n_points']} |")  # fmt: skip
+                p = "–" if fit["p_value"] is None else f"{fit['p_value']:.3g}"
+                lines.append(f"| {name} | {q} | {per_bin} | {fit['exponent']:+.3f} | {_ci(fit, '+.3f')} | {p} | "
+                             f"{fit['n_points']} |")  # fmt: skip
     return "\n".join(lines)
