@@ -141,6 +141,13 @@ def test_mini_scaling_study_end_to_end(tiny_scaling):
     assert trend["hessian_rmse"]["exponent"] == pytest.approx(fit.slope)
     assert trend["hessian_rmse"]["p_value"] == pytest.approx(fit.pvalue)
     assert trend["by_bin"]["4-9"]["hessian_rmse"] == pytest.approx(np.exp(np.mean(y[2:])))
+    var = agg["bins"]["4-9"]["variance"]["onehot-pool"]  # geometric means over both seeds' geometries
+    rows = [g for s in (0, 1) for g in evals["4-9", "onehot-pool", s]["geometries"]]
+    assert var["n_geometries"] == len(rows) == 2 * 4
+    ratio = [g["formula"]["onehot"] / g["formula"]["gaussian"] for g in rows]
+    assert var["onehot_over_gaussian"] == pytest.approx(np.exp(np.mean(np.log(ratio))))
+    rel = [g["formula"]["gaussian"] / g["trace"] ** 2 for g in rows]
+    assert var["gaussian_relative"] == pytest.approx(np.exp(np.mean(np.log(rel))))
     tables = scaling.render_tables(agg)
     assert "gaussian-pool vs onehot-pool" in tables and "p (exponent 0)" in tables
     # rerunning does nothing: every cell is evaluated

@@ -339,6 +339,23 @@ def geometries_by_scheme(root: str) -> dict[str, list[dict]]:
     return _by_scheme(_cells_done(root))
 
 
+def variance_summary(geoms: Sequence[dict]) -> dict[str, float]:
+    """Geometric means over test geometries: each family's one-probe variance over the Gaussian one
+    (closed forms), over tr(A)^2 (the relative variance of the loss estimate), and the Monte Carlo
+    variance over the closed form (1 = agreement)."""
+
+    def gm(x) -> float:
+        return float(np.exp(np.mean(np.log(np.asarray(x, float)))))
+
+    out = {"n_geometries": len(geoms)}
+    for fam in FAMILIES:
+        if fam != "gaussian":
+            out[f"{fam}_over_gaussian"] = gm([g["formula"][fam] / g["formula"]["gaussian"] for g in geoms])
+        out[f"{fam}_relative"] = gm([g["formula"][fam] / g["trace"] ** 2 for g in geoms])
+        out[f"{fam}_empirical_over_formula"] = gm([g["empirical"][fam] / g["formula"][fam] for g in geoms])
+    return out
+
+
 def fit_exponent(n_atoms: Sequence[float], values: Sequence[float]) -> dict[str, float]:
     """Least-squares slope of log(values) against log(N) with its standard error, 95% interval and
     p-value of slope 0 (``scipy.stats.linregress``); those three are None with fewer than 3 points."""
@@ -377,15 +394,17 @@ def aggregate(root: str) -> dict[str, Any]:
     """Per bin and cell key: mean/std over seeds of E, F, H RMSE; per bin and pair of
     :data:`PAIRS`: paired t-test over seeds of the Hessian (and E, F) RMSE; per probe family:
     exponents of the estimator variance against N over every evaluated test geometry (closed form
-    and Monte Carlo), per training scheme; per pair of :data:`PAIRS` seen in >= 2 bins: the trend of
+    and Monte Carlo), per training scheme, and per bin their :func:`variance_summary`; per pair of
+    :data:`PAIRS` seen in >= 2 bins: the trend of
     its RMSE ratio with N (:func:`gap_trend`, "gap_trends"); written to ``<root>/aggregate.json``."""
     done = _cells_done(root)
     bins: dict[str, dict] = {}
     for (b, key), seeds in done.items():
         entry = bins.setdefault(b, {"cells": {}, "pairs": {}})
-        vals = {q: [s[q] for s in seeds.values()] for q in QUANTITIES}
         entry["mean_atoms"] = next(iter(seeds.values()))["mean_atoms"]
-        entry["cells"][key] = {"n_seeds": len(seeds), **{q: seed_stats(dict(enumerate(v))) for q, v in vals.items()}}
+        entry["cells"][key] = {"n_seeds": len(seeds), **{q: seed_stats({s: r[q] for s, r in seeds.items()})
+                                                         for q in QUANTITIES}}  # fmt: skip
+        entry.setdefault("variance", {})[key] = variance_summary([g for r in seeds.values() for g in r["geometries"]])
     for b in bins:
         for ka, kb in PAIRS:
             sa, sb = done.get((b, ka), {}), done.get((b, kb), {})
@@ -429,8 +448,8 @@ def _ci(fit: dict, fmt: str) -> str:  # "[lo, hi]"; "–" without an interval (f
 
 
 def render_tables(agg: dict[str, Any]) -> str:
-    """Markdown: test Hessian RMSE per bin and scheme (mean ± std, n), the pair tests, the exponents,
-    the gap trends."""
+    """Markdown: test Hessian RMSE per bin and scheme (mean ± std, n), the pair tests, the estimator
+    variances per bin, the exponents, the gap trends."""
     keys = sorted({k for b in agg["bins"].values() for k in b["cells"]})
     lines = ["| bin | mean N | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for b, entry in agg["bins"].items():
@@ -451,6 +470,16 @@ def render_tables(agg: dict[str, Any]) -> str:
             q = [p[k] for k in ("hessian_rmse", "forces_rmse", "energy_rmse")]
             lines.append(f"| {b} | {name} | {p['n_seeds']} | " + " | ".join(
                 _pct_p(x) for x in q) + " |")  # fmt: skip
+    lines += ["", "| bin | mean N | trained as | geometries | Var one-hot / Gaussian | Var Rademacher / Gaussian | "
+              "relative Var Gaussian | relative Var one-hot | MC / closed form (one-hot, Gaussian) |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for b, entry in agg["bins"].items():
+        for key, v in entry.get("variance", {}).items():
+            lines.append(f"| {b} | {entry['mean_atoms']:.0f} | {key} | {v['n_geometries']} | "
+                         f"{v['onehot_over_gaussian']:.2f} | {v['rademacher_over_gaussian']:.2f} | "
+                         f"{v['gaussian_relative']:.3g} | {v['onehot_relative']:.3g} | "
+                         f"{v['onehot_empirical_over_formula']:.2f}, "
+                         f"{v['gaussian_empirical_over_formula']:.2f} |")  # fmt: skip
     lines += ["", "| trained as | quantity | exponent of N | 95% CI | points |", "|---|---|---|---|---|"]
     for key, ex in agg["exponents"].items():
         for q, fit in ex.items():
