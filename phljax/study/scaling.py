@@ -395,8 +395,8 @@ def aggregate(root: str) -> dict[str, Any]:
     :data:`PAIRS`: paired t-test over seeds of the Hessian (and E, F) RMSE; per probe family:
     exponents of the estimator variance against N over every evaluated test geometry (closed form
     and Monte Carlo), per training scheme, and per bin their :func:`variance_summary`; per pair of
-    :data:`PAIRS` seen in >= 2 bins: the trend of
-    its RMSE ratio with N (:func:`gap_trend`, "gap_trends"); written to ``<root>/aggregate.json``."""
+    :data:`PAIRS` seen in >= 2 bins: the trend of its RMSE ratio with N (:func:`gap_trend`,
+    "gap_trends"); written to ``<root>/aggregate.json``."""
     done = _cells_done(root)
     bins: dict[str, dict] = {}
     for (b, key), seeds in done.items():
