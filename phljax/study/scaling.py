@@ -46,6 +46,7 @@ from phljax.probes import hutchinson_variance
 from phljax.study.runner import Job, run_cells
 from phljax.study.stats import paired, seed_stats
 from phljax.train import train
+from phljax.train.loop import write_atomic
 from phljax.units import KCAL_MOL
 
 #: scheme -> (Config.probe, Config.probe_dist)
@@ -212,8 +213,7 @@ def evaluate_cell(workdir: str, test: Sequence[Molecule], *, seed: int = 0, n_dr
             "hessian_sq_sum": float(np.sum(dh**2)), **estimator_variances(dh, rng, n_draws),
         })  # fmt: skip
     out = {"geometries": rows, **summarize_errors(rows), "n_draws": n_draws}
-    with open(os.path.join(workdir, EVAL), "w") as fh:
-        json.dump(out, fh, indent=1)
+    write_atomic(os.path.join(workdir, EVAL), json.dumps(out, indent=1))  # its existence marks the cell done
     return out
 
 
@@ -343,16 +343,16 @@ def variance_summary(geoms: Sequence[dict]) -> dict[str, float]:
     """Geometric means over test geometries: each family's one-probe variance over the Gaussian one
     (closed forms), over tr(A)^2 (the relative variance of the loss estimate), and the Monte Carlo
     variance over the closed form (1 = agreement)."""
-
-    def gm(x) -> float:
-        return float(np.exp(np.mean(np.log(np.asarray(x, float)))))
-
     out = {"n_geometries": len(geoms)}
     for fam in FAMILIES:
         if fam != "gaussian":
-            out[f"{fam}_over_gaussian"] = gm([g["formula"][fam] / g["formula"]["gaussian"] for g in geoms])
-        out[f"{fam}_relative"] = gm([g["formula"][fam] / g["trace"] ** 2 for g in geoms])
-        out[f"{fam}_empirical_over_formula"] = gm([g["empirical"][fam] / g["formula"][fam] for g in geoms])
+            out[f"{fam}_over_gaussian"] = float(
+                stats.gmean([g["formula"][fam] / g["formula"]["gaussian"] for g in geoms])
+            )
+        out[f"{fam}_relative"] = float(stats.gmean([g["formula"][fam] / g["trace"] ** 2 for g in geoms]))
+        out[f"{fam}_empirical_over_formula"] = float(
+            stats.gmean([g["empirical"][fam] / g["formula"][fam] for g in geoms])
+        )
     return out
 
 
@@ -384,7 +384,7 @@ def gap_trend(done: dict[tuple[str, str], dict[int, dict]], ka: str, kb: str) ->
     flat = [p for pts in points.values() for p in pts]
     n = [m for m, _ in flat]
     by_bin = {b: {"mean_atoms": pts[0][0], "n_seeds": len(pts),
-                  **{q: float(np.exp(np.mean([np.log(r[q]) for _, r in pts]))) for q in QUANTITIES}}
+                  **{q: float(stats.gmean([r[q] for _, r in pts])) for q in QUANTITIES}}
               for b, pts in points.items()}  # fmt: skip
     fits = {q: fit_exponent(n, [r[q] for _, r in flat]) for q in QUANTITIES}
     return {"n_bins": len(points), "by_bin": by_bin, **fits}
@@ -433,8 +433,7 @@ def aggregate(root: str) -> dict[str, Any]:
     trends = {f"{kb} vs {ka}": t for ka, kb in PAIRS if (t := gap_trend(done, ka, kb))}
     out = {"bins": dict(sorted(bins.items(), key=lambda kv: bin_low(kv[0]))), "exponents": exponents,
            "gap_trends": trends}  # fmt: skip
-    with open(os.path.join(root, "aggregate.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    write_atomic(os.path.join(root, "aggregate.json"), json.dumps(out, indent=1))
     return out
 
 
