@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -157,6 +158,20 @@ def test_mini_scaling_study_end_to_end(tiny_scaling):
     grid = scaling.ScaleGrid(("1-3", "4-9"), ("onehot", "gaussian"), ("pool",), 2)
     again = scaling.run_scaling(root, base, grid, paths, log=lambda s: None)
     assert len(again["done"]) == 8 and not again["trained"]
+
+
+def test_settings_keep_every_grid_run_on_the_root(tiny_scaling, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(tiny_scaling[0], root)
+    with open(os.path.join(root, scaling.SETTINGS)) as f:
+        first = json.load(f)
+    base = phljax.Config(epochs=1, batch_size=2, progress=False, val_fraction=0.25, **TINY)
+    part = scaling.ScaleGrid(("1-3",), ("onehot",), ("pool",), 1)  # its one cell is done
+    assert not scaling.run_scaling(root, base, part, first["paths"], log=lambda s: None)["trained"]
+    scaling.run_scaling(root, base, part, first["paths"], log=lambda s: None)
+    with open(os.path.join(root, scaling.SETTINGS)) as f:
+        grids = json.load(f)["grids"]
+    assert grids == first["grids"] + [json.loads(json.dumps(dataclasses.asdict(part)))]  # once, not twice
 
 
 def test_reevaluate_fills_missing_columns_with_the_same_numbers(tiny_scaling, tmp_path):

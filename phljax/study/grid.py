@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from phljax import data as phdata
 from phljax.config import Config
 from phljax.losses import SCHEMES
+from phljax.train.loop import write_atomic
 
 # --probe value -> directory slug of the scheme
 SCHEME_SLUGS = {"none": "ef", "onehot": "efhvp-onehot", "random": "efhvp-random", "full": "efh"}
@@ -268,8 +269,7 @@ def open_study(root: str, base: Config, study: Study, folds: Sequence[Sequence[s
         }
         new["folds"] = new["folds"] or old.get("folds")
     os.makedirs(root, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(new, f, indent=2)
+    write_atomic(path, json.dumps(new, indent=2))
     return new
 
 

@@ -20,7 +20,7 @@ of the one-probe estimate v^T A v of tr(A) for each probe family, by the closed 
 are local, Rademacher/Gaussian variances grow like N and the one-hot one like N^2 (issue 19);
 :func:`aggregate` fits those exponents and compares the schemes per bin with paired t-tests.
 
-    <root>/scaling.json                     the settings (base config, grid, data)
+    <root>/scaling.json                     the settings (base config, every grid run on it, data)
     <root>/<bin>/<scheme>[-<regime>]-s<seed>/   train's work directory + scale_eval.json (done)
 """
 
@@ -253,7 +253,8 @@ def run_scaling(
     """Train and evaluate the grid's cells in order, resumably (a cell is done when it has
     ``scale_eval.json``; train resumes from its checkpoints; ``<root>/STOP`` stops before the next)."""
     os.makedirs(root, exist_ok=True)
-    settings = {"base": json.loads(base.to_json()), "grid": dataclasses.asdict(grid), "paths": paths}
+    this = json.loads(json.dumps(dataclasses.asdict(grid)))
+    settings = {"base": json.loads(base.to_json()), "grids": [this], "paths": paths}
     path = os.path.join(root, SETTINGS)
     if os.path.exists(path):
         with open(path) as f:
@@ -261,8 +262,9 @@ def run_scaling(
         if old["base"] != settings["base"]:
             changed = sorted(k for k in settings["base"] if old["base"].get(k) != settings["base"][k])
             raise ValueError(f"{path}: this root was run with another base config (differs in {changed})")
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=1)
+        grids = old.get("grids", [old["grid"]] if "grid" in old else [])  # "grid": written before grids were kept
+        settings["grids"] = grids + ([] if this in grids else [this])
+    write_atomic(path, json.dumps(settings, indent=1))
     tests: dict[str, list[Molecule]] = {}
 
     def make(cell: ScaleCell) -> None:

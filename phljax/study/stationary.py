@@ -131,8 +131,7 @@ def stationary_study(
             if a in values and b in values
         }
         out["protocols"][protocol] = {"cells": cells, "pairs": pairs}
-    with open(os.path.join(root, STATIONARY_JSON), "w") as f:
-        json.dump(out, f, indent=2, allow_nan=False)
+    write_atomic(os.path.join(root, STATIONARY_JSON), json.dumps(out, indent=2, allow_nan=False))
     return out
 
 

@@ -32,6 +32,7 @@ from phljax.study.grid import (
     cell_metrics,
     cell_results,
 )  # fmt: skip
+from phljax.train.loop import write_atomic
 from phljax.units import KCAL_MOL
 
 
@@ -193,8 +194,7 @@ def aggregate(root: str) -> dict:
             "time_to_target": time_to_target(root, protocol),
             "checkpoint_selection": checkpoint_selection(root, protocol),
         }
-    with open(os.path.join(root, "aggregate.json"), "w") as f:
-        json.dump(out, f, indent=2, allow_nan=False)
+    write_atomic(os.path.join(root, "aggregate.json"), json.dumps(out, indent=2, allow_nan=False))
     return out
 
 
