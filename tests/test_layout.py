@@ -25,6 +25,7 @@ SCALE_OPTIONAL = {"tblite", "rdkit"}
 LAYERS = {
     "phljax.units": set(),
     "phljax.distributed": {"phljax"},  # imports no phljax at all
+    "phljax.files": {"phljax"},  # the crash-safe write every layer uses: imports no phljax
     "phljax.data": {"phljax.models", "phljax.derivatives", "phljax.losses", "phljax.train", "phljax.potential"},
     "phljax.models": {"phljax.derivatives", "phljax.losses", "phljax.train", "phljax.potential", "phljax.evaluation"},
     "phljax.derivatives": {"phljax"},  # model-agnostic: any energy(positions)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from typing import Any
 
 import numpy as np
+
+from phljax.files import write_atomic
 
 __all__ = ["save_npz", "save_json", "load_npz", "load_json"]
 
@@ -21,22 +22,12 @@ def save_npz(path: str, **arrays) -> None:
     """Write an ``.npz`` atomically (temporary file + fsync + rename)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two may write the same file
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue())
 
 
 def save_json(path: str, obj: dict) -> None:
     """Write JSON atomically (numpy scalars become floats)."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two may write the same file
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_jsonable)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, default=_jsonable))
 
 
 def _jsonable(x):

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 from phljax import data as phdata
 from phljax.config import Config
+from phljax.files import write_atomic
 from phljax.losses import SCHEMES
-from phljax.train.loop import write_atomic
 
 # --probe value -> directory slug of the scheme
 SCHEME_SLUGS = {"none": "ef", "onehot": "efhvp-onehot", "random": "efhvp-random", "full": "efh"}

@@ -19,6 +19,7 @@ import numpy as np
 from phljax import data as phdata
 from phljax.config import Config
 from phljax.evaluation import evaluate_molecules, in_kcal_mol, test_subsets
+from phljax.files import write_atomic
 from phljax.potential import Potential
 from phljax.study.grid import (
     FAILED,
@@ -36,7 +37,7 @@ from phljax.study.grid import (
     reaction_folds,
 )  # fmt: skip
 from phljax.train import train
-from phljax.train.loop import prepare, write_atomic
+from phljax.train.loop import prepare
 
 
 def _pid_alive(pid: int) -> bool:

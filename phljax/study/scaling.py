@@ -41,12 +41,12 @@ from scipy import stats
 from phljax.config import Config
 from phljax.data import Molecule, load, select_records
 from phljax.datagen.labels import make_probes
+from phljax.files import write_atomic
 from phljax.potential import Potential
 from phljax.probes import hutchinson_variance
 from phljax.study.runner import Job, run_cells
 from phljax.study.stats import paired, seed_stats
 from phljax.train import train
-from phljax.train.loop import write_atomic
 from phljax.units import KCAL_MOL
 
 #: scheme -> (Config.probe, Config.probe_dist)

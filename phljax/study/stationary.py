@@ -29,10 +29,10 @@ from collections.abc import Sequence
 
 from phljax.data import Molecule, bundled_path, load
 from phljax.evaluation import STATIONARY, in_kcal_mol, reduce_stationary, stationary_rows
+from phljax.files import write_atomic
 from phljax.potential import Potential
 from phljax.study.grid import _KEYS, PROTOCOLS, Cell, _label, cell_results
 from phljax.study.stats import _ordered, comparison_pairs, paired, seed_stats
-from phljax.train.loop import write_atomic
 
 __all__ = [
     "STATIONARY_JSON",

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
+from phljax.files import write_atomic
 from phljax.study.grid import (
     _KEYS,
     _SINGLE_TEST_CATEGORY,
@@ -32,7 +33,6 @@ from phljax.study.grid import (
     cell_metrics,
     cell_results,
 )  # fmt: skip
-from phljax.train.loop import write_atomic
 from phljax.units import KCAL_MOL
 
 

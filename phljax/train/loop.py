@@ -40,6 +40,7 @@ from phljax.evaluation import (
     stationary_metrics,
     test_subsets,
 )
+from phljax.files import write_atomic
 from phljax.losses import SCHEMES, STORED_PROBE_MODES, LossConfig
 from phljax.models import build_model, init_params, make_energy_fn
 from phljax.models.energy import EnergyFn
@@ -234,16 +235,6 @@ def _check_workdir(config: Config) -> None:
             write_atomic(path, config.to_json())
         except OSError as e:  # read-only, full, or not a directory: say so before any training
             raise OSError(e.errno, f"cannot write the work directory {config.workdir!r} ({e.strerror})") from e
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` so that a kill leaves the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _truncate_metrics(path: str, epochs: int) -> None:

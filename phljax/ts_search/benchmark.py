@@ -24,6 +24,7 @@ from phljax.config import Config
 from phljax.data import bundled_path, read_h5
 from phljax.datagen.reactions.checks import aligned_rmsd
 from phljax.datagen.reactions.spec import read_reaction
+from phljax.files import write_atomic
 from phljax.losses import SCHEMES
 from phljax.potential import Potential
 from phljax.study import HVP_PROBES, SCHEME_SLUGS, Cell
@@ -235,9 +236,7 @@ def _pin_settings(out: str, settings: Settings) -> None:
                 f"now {', '.join(f'{k}={now.get(k)}' for k in diff)}); use another --out to change them"
             )
         return
-    with open(path + ".tmp", "w") as f:
-        json.dump(now, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(now, indent=1))
 
 
 def _append(out: str, record: dict) -> None:
@@ -254,9 +253,7 @@ def _write_outputs(out: str, settings: Settings, models: Sequence[Model], record
     doc = {"settings": settings.to_json(), "models": [dataclasses.asdict(m) for m in models], "summary": summary}
     doc["attempts"] = mine
     for name, text in ((SUMMARY, json.dumps(doc, indent=1)), (TABLES, render_tables(summary, settings, title))):
-        with open(os.path.join(out, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+        write_atomic(os.path.join(out, name), text)
 
 
 def run_benchmark(
