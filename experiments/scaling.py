@@ -18,7 +18,11 @@ training samples have Hessians). Orthogonal against i.i.d. Gaussian probes at eq
     python experiments/scaling.py --root results/scaling --schemes gaussian orthogonal --regimes randomized \
         --num-probes 4 --bins 10-15 16-24 25-39 --hessian-bins 10-15 16-24 25-39 ... (the same base flags)
 
-A cell is done when `<root>/<bin>/<cell>/scale_eval.json` exists.
+A cell is done when `<root>/<bin>/<cell>/scale_eval.json` exists. `--aggregate --results-md RESULTS.md`
+rewrites RESULTS.md's generated block (between its BEGIN/END markers) from the aggregate. A stopping rule
+of the base config can change on a root with trained cells only by an amendment, recorded in scaling.json:
+
+    python experiments/scaling.py --root results/scaling <the base flags, one changed> --amend "why"
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from phljax.config import Config, config_parser, parse_args
+from phljax.files import write_atomic
 from phljax.study import scaling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +68,12 @@ def scaling_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", metavar="DIR", help="with --aggregate: PNGs into DIR")
     p.add_argument("--label-cost", metavar="JSON", help="with --plots: label_cost.py --level xtb's output, plotted")
     p.add_argument("--memory", metavar="JSON", help="with --plots: training_cost.py --molecules --compile-only output")
+    p.add_argument("--results-md", metavar="MD", help="with --aggregate: rewrite MD's generated scaling block in place")
+    p.add_argument(
+        "--amend", metavar="WHY",
+        help="change the root's base config to this one's (resumable fields only), recorded with WHY; cells that "
+             "stopped because of a changed field are reopened, then exit",
+    )  # fmt: skip
     return p
 
 
@@ -205,10 +216,18 @@ def main(argv: Sequence[str]) -> None:
     if args.aggregate or args.plots:
         agg = scaling.aggregate(args.root)
         print(scaling.render_tables(agg))
+        if args.results_md:
+            with open(args.results_md) as f:
+                text = f.read()
+            write_atomic(args.results_md, scaling.splice_results_md(text, scaling.render_results_md(agg)))
+            print(f"rewrote the generated block of {args.results_md}")
         for path in plot(agg, args.root, args.plots, args.label_cost, args.memory) if args.plots else []:
             print(f"wrote {path}")
         return
     base: Config = parse_args(rest)
+    if args.amend:
+        print(json.dumps(scaling.amend_settings(args.root, base, why=args.amend), indent=1))
+        return
     paths = scaling.data_paths(args.data_dir, args.prefix)
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -171,7 +170,7 @@ def test_settings_keep_every_grid_run_on_the_root(tiny_scaling, tmp_path):
     scaling.run_scaling(root, base, part, first["paths"], log=lambda s: None)
     with open(os.path.join(root, scaling.SETTINGS)) as f:
         grids = json.load(f)["grids"]
-    assert grids == first["grids"] + [json.loads(json.dumps(dataclasses.asdict(part)))]  # once, not twice
+    assert grids == first["grids"] + [part.to_json()]  # once, not twice
 
 
 def test_reevaluate_fills_missing_columns_with_the_same_numbers(tiny_scaling, tmp_path):
@@ -192,3 +191,59 @@ def test_reevaluate_fills_missing_columns_with_the_same_numbers(tiny_scaling, tm
         after = json.load(f)
     for g0, g1 in zip(before["geometries"], after["geometries"], strict=True):
         assert g1["k_probe"] == pytest.approx(g0["k_probe"]) and g1["empirical"] == pytest.approx(g0["empirical"])
+
+
+def test_amendment_reopens_only_the_cells_the_changed_rule_stopped(tiny_scaling, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(tiny_scaling[0], root)
+    with open(os.path.join(root, scaling.SETTINGS)) as f:
+        paths = json.load(f)["paths"]
+    stopped = os.path.join(root, "4-9", "gaussian-pool-s1", "results.json")
+    with open(stopped) as f:
+        results = json.load(f)
+    with open(stopped, "w") as f:
+        json.dump({**results, "stopped": "early_stopping"}, f)  # as if early stopping had ended it
+    base = phljax.Config(epochs=1, batch_size=2, progress=False, val_fraction=0.25, **TINY)
+    with pytest.raises(ValueError, match="learning_rate"):  # not a resumable field: the trained cells would not match
+        scaling.amend_settings(root, base.replace(learning_rate=0.5 * base.learning_rate), why="no")
+    new = base.replace(early_stopping=0)
+    amendment = scaling.amend_settings(root, new, why="plateau", log=lambda s: None)
+    assert amendment["changed"] == {"early_stopping": [base.early_stopping, 0]}
+    assert amendment["reopened"] == ["4-9/gaussian-pool-s1"]
+    cell = os.path.dirname(stopped)
+    assert sorted(f for f in os.listdir(cell) if f.endswith(scaling.SUPERSEDED)) == [
+        "results.superseded.json", "scale_eval.superseded.json"]  # fmt: skip
+    with open(os.path.join(root, scaling.SETTINGS)) as f:
+        settings = json.load(f)
+    assert settings["base"]["early_stopping"] == 0 and settings["amendments"][-1]["why"] == "plateau"
+    with pytest.raises(ValueError, match="another base config"):  # the old base is refused from now on
+        scaling.run_scaling(root, base, scaling.ScaleGrid(("4-9",), ("gaussian",), ("pool",), 2), paths)
+    grid = scaling.ScaleGrid(("1-3", "4-9"), ("onehot", "gaussian"), ("pool",), 2)
+    outcome = scaling.run_scaling(root, new, grid, paths, log=lambda s: None)
+    assert outcome["trained"] == ["4-9/gaussian-pool-s1"] and os.path.exists(os.path.join(cell, scaling.EVAL))
+    with pytest.raises(ValueError, match="nothing to amend"):
+        scaling.amend_settings(root, new, why="again")
+
+
+def test_results_md_block_is_rendered_from_the_aggregate_and_spliced_in_place(tiny_scaling):
+    agg = scaling.aggregate(tiny_scaling[0])
+    t = agg["gap_trends"]["gaussian-pool vs onehot-pool"]
+    pool = t["pooled"]["hessian_rmse"]
+    logs = []
+    for b in ("1-3", "4-9"):
+        for s in (0, 1):
+            ev = {}
+            for key in ("onehot-pool", "gaussian-pool"):
+                with open(os.path.join(tiny_scaling[0], b, f"{key}-s{s}", scaling.EVAL)) as f:
+                    ev[key] = json.load(f)["hessian_rmse"]
+            logs.append(np.log(ev["gaussian-pool"] / ev["onehot-pool"]))
+    assert pool["ratio"] == pytest.approx(np.exp(np.mean(logs))) and pool["n_points"] == 4
+    assert pool["p_value"] == pytest.approx(stats.ttest_1samp(logs, 0.0).pvalue)
+    block = scaling.render_results_md(agg, keys=("onehot-pool", "gaussian-pool"))
+    assert block.startswith("Headline numbers") and "| 4-9 |" in block and "pooled ratio" in block
+    text = f"# R\n\nprose\n\n{scaling.BEGIN}\n\nold numbers\n\n{scaling.END}\n\nmore prose\n"
+    once = scaling.splice_results_md(text, block)
+    assert "old numbers" not in once and block in once and once.endswith(f"{scaling.END}\n\nmore prose\n")
+    assert scaling.splice_results_md(once, block) == once  # idempotent
+    with pytest.raises(ValueError, match="BEGIN"):
+        scaling.splice_results_md("no markers", block)
