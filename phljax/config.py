@@ -70,6 +70,9 @@ class Config:
     lr_patience: int = 15  # ... after this many epochs without validation improvement
     min_lr_scale: float = 1e-3  # ... down to this fraction of learning_rate
     early_stopping: int = _resumable(50)  # stop after this many epochs without improvement (0: never)
+    # the first epochs, in which neither the plateau schedule nor early stopping counts epochs without
+    # improvement (the best validation loss is still tracked); Keras' start_from_epoch
+    plateau_warmup: int = _resumable(0)
     max_nonfinite_steps: int = _resumable(10)  # stop after this many non-finite (skipped) updates in a row
     val_errors_every: int = _resumable(5)  # validation E/F/H RMSE into metrics.jsonl every this many epochs (0: never)
     seed: int = 0  # model initialisation, probes and shuffling (phljax.train.seeds)

@@ -247,3 +247,24 @@ def test_results_md_block_is_rendered_from_the_aggregate_and_spliced_in_place(ti
     assert scaling.splice_results_md(once, block) == once  # idempotent
     with pytest.raises(ValueError, match="BEGIN"):
         scaling.splice_results_md("no markers", block)
+
+
+def test_a_warmup_amendment_restarts_the_cells_whose_rates_it_changes(tiny_scaling, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(tiny_scaling[0], root)
+    with open(os.path.join(root, scaling.SETTINGS)) as f:
+        paths = json.load(f)["paths"]
+    cut = os.path.join(root, "1-3", "onehot-pool-s1")
+    lines = [json.loads(line) for line in open(os.path.join(cut, "metrics.jsonl"))]
+    with open(os.path.join(cut, "metrics.jsonl"), "w") as f:  # as if its rate had been cut in epoch 1
+        f.writelines(json.dumps({**m, "lr": 0.5 * m["lr"]}) + "\n" for m in lines)
+    base = phljax.Config(epochs=1, batch_size=2, progress=False, val_fraction=0.25, **TINY)
+    amendment = scaling.amend_settings(root, base.replace(plateau_warmup=5), why="plateau", log=lambda s: None)
+    assert amendment["restarted"] == ["1-3/onehot-pool-s1"] and amendment["reopened"] == []
+    moved = cut + scaling.RESTARTED
+    assert not os.path.exists(cut) and not os.path.exists(os.path.join(moved, "checkpoints"))
+    assert {"metrics.jsonl", "results.json", scaling.EVAL} <= set(os.listdir(moved))  # the old run's record kept
+    grid = scaling.ScaleGrid(("1-3", "4-9"), ("onehot", "gaussian"), ("pool",), 2)
+    outcome = scaling.run_scaling(root, base.replace(plateau_warmup=5), grid, paths, log=lambda s: None)
+    assert outcome["trained"] == ["1-3/onehot-pool-s1"]  # afresh; the moved folder is not a cell of the aggregate
+    assert sum(c["n_seeds"] for c in scaling.aggregate(root)["bins"]["1-3"]["cells"].values()) == 4

@@ -18,6 +18,7 @@ from conftest import REPO, SUBPROCESS_ENV, TINY, cli_args, count_traces
 import phljax
 from phljax.data import Molecule
 from phljax.train.loop import initial_record
+from phljax.train.optim import continue_warmup, learning_rate_scale, replay_schedule
 from phljax.units import KCAL_MOL
 
 
@@ -285,3 +286,44 @@ def test_a_second_run_loads_its_programs_from_the_compile_cache(h5_path, tmp_pat
     # the same programs, every one loaded instead of compiled (a cold run already hits the cache for
     # small programs it compiles twice under different names)
     assert warm["programs"] == cold["programs"] == warm["from_cache"] > cold["from_cache"]
+
+
+def test_plateau_warmup_holds_the_rate_then_counts_and_resumes_into_it():
+    params = {"w": jnp.zeros(2)}
+    flat = jnp.asarray(1.0)  # a loss that never improves after the first epoch
+    tx = phljax.make_optimizer(1e-2, lr_patience=2, plateau_warmup=4)
+    state = tx.init(params)
+    scales = []
+    for _ in range(9):
+        _, state = tx.update(params, state, params, value=flat)
+        scales.append(learning_rate_scale(state))
+    assert scales == [1.0] * 5 + [0.5, 0.5, 0.25, 0.25]  # 4 warm-up epochs, then a cut every 2 bad epochs
+    assert scales == replay_schedule([1.0] * 9, lr_patience=2, plateau_warmup=4, first_monitor=1.0)
+    # a run checkpointed without a warm-up continues as if it had had one
+    plain = phljax.make_optimizer(1e-2, lr_patience=2)
+    s0 = plain.init(params)
+    _, s0 = plain.update(params, s0, params, value=flat)
+    _, s0 = plain.update(params, s0, params, value=flat)  # plateau count 1 after 2 epochs
+    resumed = continue_warmup(s0, 2, 4)
+    for _ in range(3):
+        _, resumed = plain.update(params, resumed, params, value=flat)
+    assert learning_rate_scale(resumed) == 1.0  # held to epoch 4, one bad epoch (5)
+    _, resumed = plain.update(params, resumed, params, value=flat)
+    assert learning_rate_scale(resumed) == scales[5] == 0.5  # cut at epoch 6, as in the run warmed up from the start
+    cut = continue_warmup(s0, 2, 0)  # no warm-up: unchanged
+    for _ in range(2):
+        _, cut = plain.update(params, cut, params, value=flat)
+    assert learning_rate_scale(cut) == 0.5
+    with pytest.raises(ValueError, match="already cut"):
+        continue_warmup(cut, 4, 10)
+
+
+def test_replay_schedule_reproduces_a_run_s_logged_rates(tiny_config, tmp_path):
+    config = tiny_config.replace(workdir=str(tmp_path / "warm"), epochs=6, lr_patience=1, plateau_warmup=2)
+    phljax.train(config)
+    lines = _metrics(config.workdir)
+    logged = [m["lr"] / config.learning_rate for m in lines]
+    replayed = replay_schedule([m["val_loss"] for m in lines], lr_patience=1,
+                                                  min_lr_scale=config.min_lr_scale, plateau_warmup=2)  # fmt: skip
+    np.testing.assert_allclose(logged, replayed, rtol=1e-6)
+    assert logged[:3] == [1.0] * 3  # the warm-up's 2 epochs and the first counted one cannot cut

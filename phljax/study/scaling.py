@@ -27,9 +27,11 @@ are local, Rademacher/Gaussian variances grow like N and the one-hot one like N^
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,6 +50,7 @@ from phljax.probes import hutchinson_variance
 from phljax.study.runner import Job, run_cells
 from phljax.study.stats import paired, seed_stats
 from phljax.train import train
+from phljax.train.optim import replay_schedule
 from phljax.units import KCAL_MOL
 
 #: scheme -> (Config.probe, Config.probe_dist)
@@ -290,21 +293,43 @@ def run_scaling(
 
 
 #: results.json "stopped" -> the base-config fields that decide it (an amendment of one reopens the cell)
-STOPPED_BY = {"epochs": ("epochs",), "early_stopping": ("early_stopping",), "lr_floor": ("min_lr_scale", "lr_patience")}
+STOPPED_BY = {"epochs": ("epochs",), "early_stopping": ("early_stopping", "plateau_warmup"),
+              "lr_floor": ("plateau_warmup",)}  # fmt: skip
 SUPERSEDED = ".superseded.json"  # suffix of a reopened cell's results.json and scale_eval.json
+RESTARTED = ".superseded"  # suffix of a restarted cell's folder (its logs and results, without checkpoints)
+
+
+def _schedule_changes(workdir: str, plateau_warmup: int) -> bool:
+    """Would ``plateau_warmup`` change the learning rates the cell's metrics.jsonl logged so far?
+    (:func:`phljax.train.optim.replay_schedule` on its validation losses, with its config's schedule.)"""
+    with open(os.path.join(workdir, "config.json")) as f:
+        c = json.load(f)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return False
+    replayed = replay_schedule([r["val_loss"] for r in rows], lr_factor=c["lr_factor"], lr_patience=c["lr_patience"],
+                               min_lr_scale=c["min_lr_scale"], plateau_warmup=plateau_warmup)  # fmt: skip
+    return not np.allclose([r["lr"] / c["learning_rate"] for r in rows], replayed, rtol=1e-6, atol=0)
 
 
 def amend_settings(root: str, base: Config, *, why: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Change the root's base config in fields a run may resume with (``Config.resumable_fields``:
     the stopping rules, the epoch cap, ...), recorded in ``scaling.json`` "amendments" with ``why``.
 
-    Cells already done keep what they were trained with (their config.json says so), except those
-    whose run *stopped because of* a changed field (results.json "stopped", :data:`STOPPED_BY`):
-    those are reopened, their results.json and scale_eval.json renamed ``*.superseded.json`` (kept,
-    not deleted), and the next grid run resumes them from their checkpoints under the new rule.
+    Cells already done keep what they were trained with (their config.json says so), except:
+
+    - a cell whose logged learning rates a changed ``plateau_warmup`` would change (replayed from
+      its validation losses, :func:`_schedule_changes`) cannot be continued: it is *restarted*, its
+      folder moved to ``<cell>.superseded`` (metrics, config and results kept; its checkpoints
+      deleted) and trained afresh by the next grid run; this holds for cells in progress too;
+    - a done cell whose run *stopped because of* a changed field (results.json "stopped",
+      :data:`STOPPED_BY`) is *reopened*: its results.json and scale_eval.json renamed
+      ``*.superseded.json`` (kept), and the next grid run resumes it from its checkpoints.
 
     Returns:
-        the amendment: {"when", "why", "changed": {field: [old, new]}, "reopened": [bin/cell]}.
+        the amendment: {"when", "why", "changed": {field: [old, new]}, "reopened": [bin/cell],
+        "restarted": [bin/cell]}.
     """
     path = os.path.join(root, SETTINGS)
     with open(path) as f:
@@ -316,10 +341,21 @@ def amend_settings(root: str, base: Config, *, why: str, log: Callable[[str], No
         raise ValueError(f"{path}: {frozen} cannot change on a root with trained cells (only resumable fields can)")
     if not changed:
         raise ValueError(f"{path}: the base config is already this one; nothing to amend")
-    reopened = []
+    reopened, restarted = [], []
     for b in _bin_dirs(root):
         for name in sorted(os.listdir(os.path.join(root, b))):
-            results = os.path.join(root, b, name, "results.json")
+            cell = os.path.join(root, b, name)
+            if not os.path.exists(os.path.join(cell, "config.json")) or name.endswith(RESTARTED):
+                continue
+            if "plateau_warmup" in changed and _schedule_changes(cell, new["plateau_warmup"]):
+                shutil.rmtree(os.path.join(cell, "checkpoints"), ignore_errors=True)
+                for lock in glob.glob(os.path.join(cell, "study*")):
+                    os.remove(lock)  # a stale lock or failure record of the superseded run
+                os.replace(cell, cell + RESTARTED)
+                restarted.append(f"{b}/{name}")
+                log(f"restarting {b}/{name}: the warm-up changes its learning rates")
+                continue
+            results = os.path.join(cell, "results.json")
             if not os.path.exists(results):
                 continue
             with open(results) as f:
@@ -331,7 +367,7 @@ def amend_settings(root: str, base: Config, *, why: str, log: Callable[[str], No
                 reopened.append(f"{b}/{name}")
                 log(f"reopened {b}/{name} (it stopped by {stopped})")
     amendment = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "why": why, "changed": changed,
-                 "reopened": reopened}  # fmt: skip
+                 "reopened": reopened, "restarted": restarted}  # fmt: skip
     settings["base"] = new
     settings["amendments"] = settings.get("amendments", []) + [amendment]
     write_atomic(path, json.dumps(settings, indent=1))

@@ -10,6 +10,7 @@ called (`phljax.distributed.initialize`).
 A run stops at the first of: `epochs` (the cap), `early_stopping` epochs without a better
 validation loss, or the learning rate at its plateau floor (`min_lr_scale`) with `lr_patience`
 epochs without improvement there (converged: it cannot fall further). `results.json` says which.
+Neither rule, nor the plateau schedule, counts the first `plateau_warmup` epochs.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from phljax.models.energy import EnergyFn
 from phljax.models.nequip import NequIP
 from phljax.potential import Potential
 from phljax.train import seeds
-from phljax.train.optim import learning_rate_scale, make_optimizer, nonfinite_steps
+from phljax.train.optim import continue_warmup, learning_rate_scale, make_optimizer, nonfinite_steps
 from phljax.train.sharded import data_parallel_steps, global_batches
 from phljax.train.step import TrainState
 
@@ -103,6 +104,7 @@ class Run:
             lr_patience=c.lr_patience,
             min_lr_scale=c.min_lr_scale,
             steps_per_epoch=self.steps_per_epoch,
+            plateau_warmup=c.plateau_warmup,
         )
 
 
@@ -296,6 +298,11 @@ def train(config: Config, run: Run | None = None) -> dict:
         )
     state = TrainState(**record["state"])
     start = int(record["epoch"])
+    if restored is not None:
+        try:
+            state = state._replace(opt_state=continue_warmup(state.opt_state, start, config.plateau_warmup))
+        except ValueError as e:
+            raise ValueError(f"{config.workdir}: cannot resume under --plateau-warmup: {e}; start it afresh") from e
     if restored is not None and int(record["bad_epochs"]) == 0 and ckpt.best.latest_step() != start:
         ckpt.save_best(start, record)  # killed between epoch `start`'s latest save and its best save
 
@@ -356,8 +363,8 @@ def train(config: Config, run: Run | None = None) -> dict:
             )
         monitor = val
         improved = val < best_val
-        if improved:
-            best_val, bad = val, 0
+        if improved or epoch + 1 <= config.plateau_warmup:  # the warm-up counts no bad epoch
+            best_val, bad = min(val, best_val), 0
         else:
             bad += 1
         line = {
