@@ -23,6 +23,11 @@ it was not done.
 """
 
 
+def _hours(summary: dict, done: bool) -> str:
+    """The labels' compute time, "so far" while the set is partial."""
+    return f"{summary['compute_s'] / 3600:.2f} h" + ("" if done else " so far")
+
+
 def render_reaction_card(
     summary: dict[str, Any],
     prefix: str,
@@ -224,7 +229,7 @@ forward direction follows the arbitrary sign of the TS mode).
 
 ## Compute
 
-{summary["compute_s"] / 3600:.2f} h{"" if done else " so far"}: the sum of every calculation's wall time, each on the one or two cores its
+{_hours(summary, done)}: the sum of every calculation's wall time, each on the one or two cores its
 worker had (on machines shared with other jobs, so an upper bound). With `--workers N`, N
 calculations run at once, so the elapsed time is shorter than this sum. Labels of one cache can
 come from several machines (`--rounds` shares out a job; the level and program versions above are
@@ -347,7 +352,7 @@ time per gradient of the molecule's labels (seconds, on the machine and load of 
 
 ## Compute
 
-{summary["compute_s"] / 3600:.2f} h{"" if done else " so far"} (the sum of every calculation's wall time, relaxations included).
+{_hours(summary, done)} (the sum of every calculation's wall time, relaxations included).
 
 ## Regenerate
 
