@@ -37,7 +37,7 @@ import numpy as np
 
 from phljax.config import Config, config_parser, parse_args
 from phljax.files import write_atomic
-from phljax.study import scaling
+from phljax.study import scaling, scaling_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +72,8 @@ def scaling_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--amend", metavar="WHY",
         help="change the root's base config to this one's (resumable fields only), recorded with WHY; cells that "
-             "stopped because of a changed field are reopened, then exit",
+             "stopped because of a changed field are reopened, those whose logged rates a changed "
+             "--plateau-warmup would change are restarted; then exit",
     )  # fmt: skip
     return p
 
@@ -215,11 +216,11 @@ def main(argv: Sequence[str]) -> None:
         return
     if args.aggregate or args.plots:
         agg = scaling.aggregate(args.root)
-        print(scaling.render_tables(agg))
+        print(scaling_report.render_tables(agg))
         if args.results_md:
             with open(args.results_md) as f:
                 text = f.read()
-            write_atomic(args.results_md, scaling.splice_results_md(text, scaling.render_results_md(agg)))
+            write_atomic(args.results_md, scaling_report.splice_results_md(text, scaling_report.render_results_md(agg)))
             print(f"rewrote the generated block of {args.results_md}")
         for path in plot(agg, args.root, args.plots, args.label_cost, args.memory) if args.plots else []:
             print(f"wrote {path}")

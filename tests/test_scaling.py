@@ -13,7 +13,7 @@ from conftest import TINY
 from scipy import stats
 
 import phljax
-from phljax.study import scaling
+from phljax.study import scaling, scaling_report
 
 pytest.importorskip("tblite")
 pytest.importorskip("rdkit")
@@ -148,7 +148,7 @@ def test_mini_scaling_study_end_to_end(tiny_scaling):
     assert var["onehot_over_gaussian"] == pytest.approx(np.exp(np.mean(np.log(ratio))))
     rel = [g["formula"]["gaussian"] / g["trace"] ** 2 for g in rows]
     assert var["gaussian_relative"] == pytest.approx(np.exp(np.mean(np.log(rel))))
-    tables = scaling.render_tables(agg)
+    tables = scaling_report.render_tables(agg)
     assert "gaussian-pool vs onehot-pool" in tables and "p (exponent 0)" in tables
     # rerunning does nothing: every cell is evaluated
     with open(os.path.join(root, scaling.SETTINGS)) as f:
@@ -239,14 +239,14 @@ def test_results_md_block_is_rendered_from_the_aggregate_and_spliced_in_place(ti
             logs.append(np.log(ev["gaussian-pool"] / ev["onehot-pool"]))
     assert pool["ratio"] == pytest.approx(np.exp(np.mean(logs))) and pool["n_points"] == 4
     assert pool["p_value"] == pytest.approx(stats.ttest_1samp(logs, 0.0).pvalue)
-    block = scaling.render_results_md(agg, keys=("onehot-pool", "gaussian-pool"))
+    block = scaling_report.render_results_md(agg, keys=("onehot-pool", "gaussian-pool"))
     assert block.startswith("Headline numbers") and "| 4-9 |" in block and "pooled ratio" in block
-    text = f"# R\n\nprose\n\n{scaling.BEGIN}\n\nold numbers\n\n{scaling.END}\n\nmore prose\n"
-    once = scaling.splice_results_md(text, block)
-    assert "old numbers" not in once and block in once and once.endswith(f"{scaling.END}\n\nmore prose\n")
-    assert scaling.splice_results_md(once, block) == once  # idempotent
+    text = f"# R\n\nprose\n\n{scaling_report.BEGIN}\n\nold numbers\n\n{scaling_report.END}\n\nmore prose\n"
+    once = scaling_report.splice_results_md(text, block)
+    assert "old numbers" not in once and block in once and once.endswith(f"{scaling_report.END}\n\nmore prose\n")
+    assert scaling_report.splice_results_md(once, block) == once  # idempotent
     with pytest.raises(ValueError, match="BEGIN"):
-        scaling.splice_results_md("no markers", block)
+        scaling_report.splice_results_md("no markers", block)
 
 
 def test_a_warmup_amendment_restarts_the_cells_whose_rates_it_changes(tiny_scaling, tmp_path):

@@ -11,6 +11,7 @@ initialisation (and probes) and the split, so the schemes of one seed are paired
     stationary.py item 5 at every stationary point: frequencies, eigenvalues, TS index per cell
     scaling.py the size-scaling study (issue 19): per size bin, probe families x regimes on the xTB
                set, estimator variances on the trained error matrices, exponents in N
+    scaling_report.py its tables, headline sentences and RESULTS.md's generated block
 """
 
 from phljax.losses import SCHEMES

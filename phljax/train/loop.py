@@ -48,7 +48,13 @@ from phljax.models.energy import EnergyFn
 from phljax.models.nequip import NequIP
 from phljax.potential import Potential
 from phljax.train import seeds
-from phljax.train.optim import continue_warmup, learning_rate_scale, make_optimizer, nonfinite_steps
+from phljax.train.optim import (
+    FIRST_MONITOR,
+    continue_warmup,
+    learning_rate_scale,
+    make_optimizer,
+    nonfinite_steps,
+)
 from phljax.train.sharded import data_parallel_steps, global_batches
 from phljax.train.step import TrainState
 
@@ -268,7 +274,7 @@ def initial_record(run: Run, optimizer) -> dict:
         "epoch": np.zeros((), np.int32),
         "best_val": np.array(np.inf),
         "bad_epochs": np.zeros((), np.int32),
-        "monitor": np.array(1e30),
+        "monitor": np.array(FIRST_MONITOR),
     }
 
 

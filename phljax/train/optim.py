@@ -11,6 +11,7 @@ import optax
 __all__ = ["make_optimizer", "learning_rate_scale", "nonfinite_steps", "continue_warmup", "replay_schedule"]
 
 _NEVER = 2**30  # apply_if_finite gives up and applies a non-finite update after this many in a row: never
+FIRST_MONITOR = 1e30  # the plateau transform's value in a run's first epoch (no validation loss yet)
 
 
 def make_optimizer(
@@ -49,7 +50,7 @@ def make_optimizer(
         return tx
 
     def init(params):
-        return optax.tree.set(tx.init(params), cooldown_count=jnp.asarray(plateau_warmup, jnp.int32))
+        return continue_warmup(tx.init(params), 0, plateau_warmup)
 
     return optax.GradientTransformationExtraArgs(init, tx.update)
 
@@ -99,7 +100,7 @@ def replay_schedule(
     lr_patience: int = 15,
     min_lr_scale: float = 1e-3,
     plateau_warmup: int = 0,
-    first_monitor: float = 1e30,
+    first_monitor: float = FIRST_MONITOR,
 ) -> list[float]:
     """The learning-rate scale after each epoch that the plateau schedule of :func:`make_optimizer`
     gives a run whose epochs ended with these validation losses (each epoch's updates see the
