@@ -47,6 +47,17 @@ def test_fit_exponent_recovers_a_power_law():
     assert two["exponent"] == pytest.approx(2.0) and two["ci95"] is two["p_value"] is two["stderr"] is None
 
 
+def test_plateau_exit_is_the_first_epoch_below_a_fraction_of_the_first(tmp_path):
+    force = [1.0, 0.99, 0.98, 0.85, 0.79, 0.5]  # epoch 5 is the first below 0.8 x epoch 1's
+    lines = [{"epoch": e, "train_force_loss": f} for e, f in enumerate(force, 1)]
+    lines.insert(3, {"epoch": 4, "train_force_loss": 0.7})  # epoch 4 logged, redone after a resume: last counts
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines))
+    assert scaling.plateau_exit(str(tmp_path)) == 5
+    assert scaling.plateau_exit(str(tmp_path), frac=0.4) is None
+    assert scaling.plateau_exit(str(tmp_path / "missing")) is None
+
+
 def test_cells_and_their_configs(tmp_path):
     grid = scaling.ScaleGrid(("4-9", "1-3"), ("ef", "onehot", "orthogonal", "efh"), ("fixed", "pool", "randomized"),
                              2, hessian_bins=("1-3",), num_probes=4)  # fmt: skip
@@ -148,6 +159,11 @@ def test_mini_scaling_study_end_to_end(tiny_scaling):
     assert var["onehot_over_gaussian"] == pytest.approx(np.exp(np.mean(np.log(ratio))))
     rel = [g["formula"]["gaussian"] / g["trace"] ** 2 for g in rows]
     assert var["gaussian_relative"] == pytest.approx(np.exp(np.mean(np.log(rel))))
+    k = [g["k_probe"]["orthogonal"] / g["k_probe"]["gaussian"] for g in rows]
+    assert var["orthogonal_over_gaussian_k"] == pytest.approx(np.exp(np.mean(np.log(k)))) and max(k) < 1
+    cell = agg["bins"]["4-9"]["cells"]["onehot-pool"]
+    assert set(cell["plateau_exit"]) == {0, 1}  # one epoch each: never below 0.8 x itself
+    assert cell["plateau_exit"][0] is None and "never" in scaling_report.plateau_table(agg)
     tables = scaling_report.render_tables(agg)
     assert "gaussian-pool vs onehot-pool" in tables and "p (exponent 0)" in tables
     # rerunning does nothing: every cell is evaluated

@@ -47,6 +47,7 @@ from phljax.datagen.labels import make_probes
 from phljax.files import write_atomic
 from phljax.potential import Potential
 from phljax.probes import hutchinson_variance
+from phljax.study.grid import cell_metrics
 from phljax.study.runner import Job, run_cells
 from phljax.study.stats import paired, seed_stats
 from phljax.train import train
@@ -302,8 +303,7 @@ def _schedule_changes(workdir: str, plateau_warmup: int) -> bool:
     (:func:`phljax.train.optim.replay_schedule` on its validation losses, with its config's schedule.)"""
     with open(os.path.join(workdir, "config.json")) as f:
         c = json.load(f)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = cell_metrics(workdir)
     if not rows:
         return False
     replayed = replay_schedule([r["val_loss"] for r in rows], lr_factor=c["lr_factor"], lr_patience=c["lr_patience"],
@@ -448,7 +448,26 @@ def variance_summary(geoms: Sequence[dict]) -> dict[str, float]:
         out[f"{fam}_empirical_over_formula"] = float(
             stats.gmean([g["empirical"][fam] / g["formula"][fam] for g in geoms])
         )
+    kk = [g for g in geoms if "k_probe" in g]  # (evaluations before the K-probe columns have none)
+    if kk:
+        out["orthogonal_over_gaussian_k"] = float(
+            stats.gmean([g["k_probe"]["orthogonal"] / g["k_probe"]["gaussian"] for g in kk])
+        )
     return out
+
+
+PLATEAU_EXIT = 0.8  # a model has left its initial loss plateau once its train force loss is below this x epoch 1's
+
+
+def plateau_exit(workdir: str, frac: float = PLATEAU_EXIT) -> int | None:
+    """The first epoch whose train force loss is below ``frac`` times the first epoch's: where the
+    model leaves the initial loss plateau every model of the study starts on (longer for larger
+    molecules: the reason for ``Config.plateau_warmup``). None: it never does, or nothing is logged."""
+    rows = cell_metrics(workdir)
+    if not rows:
+        return None
+    start = rows[0]["train_force_loss"]
+    return next((r["epoch"] for r in rows if r["train_force_loss"] < frac * start), None)
 
 
 def fit_exponent(n_atoms: Sequence[float], values: Sequence[float]) -> dict[str, float]:
@@ -505,7 +524,7 @@ def aggregate(root: str) -> dict[str, Any]:
     exponents of the estimator variance against N over every evaluated test geometry (closed form
     and Monte Carlo), per training scheme, and per bin their :func:`variance_summary`; per pair of
     :data:`PAIRS` seen in >= 2 bins: the trend of its RMSE ratio with N (:func:`gap_trend`,
-    "gap_trends"); written to ``<root>/aggregate.json``."""
+    "gap_trends"); per cell and seed the :func:`plateau_exit` epoch; written to ``<root>/aggregate.json``."""
     done = _cells_done(root)
     bins: dict[str, dict] = {}
     for (b, key), seeds in done.items():
@@ -513,6 +532,7 @@ def aggregate(root: str) -> dict[str, Any]:
         entry["mean_atoms"] = next(iter(seeds.values()))["mean_atoms"]
         entry["cells"][key] = {"n_seeds": len(seeds), **{q: seed_stats({s: r[q] for s, r in seeds.items()})
                                                          for q in QUANTITIES}}  # fmt: skip
+        entry["cells"][key]["plateau_exit"] = {s: plateau_exit(os.path.join(root, b, f"{key}-s{s}")) for s in seeds}
         entry.setdefault("variance", {})[key] = variance_summary([g for r in seeds.values() for g in r["geometries"]])
     for b in bins:
         for ka, kb in PAIRS:

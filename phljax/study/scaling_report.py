@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from phljax.study.scaling import QUANTITIES
+from phljax.study.scaling import PLATEAU_EXIT, QUANTITIES
 
 #: the cell keys RESULTS.md's variance and exponent tables keep (:func:`render_results_md`)
 HEADLINE_KEYS = ("ef", "gaussian-fixed", "onehot-fixed")
@@ -21,6 +21,10 @@ def _pct_p(x: dict) -> str:  # "change | p"; None (no spread, zero mean) reads "
 
 def _ci(fit: dict, fmt: str) -> str:  # "[lo, hi]"; "–" without an interval (fewer than 3 points)
     return "–" if fit["ci95"] is None else f"[{fit['ci95'][0]:{fmt}}, {fit['ci95'][1]:{fmt}}]"
+
+
+def _fmt(x: float | None, fmt: str) -> str:
+    return "–" if x is None else f"{x:{fmt}}"
 
 
 def _p(p: float | None) -> str:
@@ -58,8 +62,9 @@ def pairs_table(agg: dict[str, Any]) -> str:
 def variance_table(agg: dict[str, Any], keys: Sequence[str] | None = None) -> str:
     """Per bin and training scheme (``keys``; default all): :func:`variance_summary`'s ratios."""
     lines = ["| bin | mean N | trained as | geometries | Var one-hot / Gaussian | Var Rademacher / Gaussian | "
-             "relative Var Gaussian | relative Var one-hot | MC / closed form (one-hot, Gaussian) |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "relative Var Gaussian | relative Var one-hot | MC / closed form (one-hot, Gaussian) | "
+             "Var K = 4 orthogonal / i.i.d. Gaussian |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for b, entry in agg["bins"].items():
         for key, v in entry.get("variance", {}).items():
             if keys is None or key in keys:
@@ -67,7 +72,22 @@ def variance_table(agg: dict[str, Any], keys: Sequence[str] | None = None) -> st
                              f"{v['onehot_over_gaussian']:.2f} | {v['rademacher_over_gaussian']:.2f} | "
                              f"{v['gaussian_relative']:.3g} | {v['onehot_relative']:.3g} | "
                              f"{v['onehot_empirical_over_formula']:.2f}, "
-                             f"{v['gaussian_empirical_over_formula']:.2f} |")  # fmt: skip
+                             f"{v['gaussian_empirical_over_formula']:.2f} | "
+                             f"{_fmt(v.get('orthogonal_over_gaussian_k'), '.2f')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plateau_table(agg: dict[str, Any], keys: Sequence[str] | None = None) -> str:
+    """Per bin and cell key (``keys``; default all): the epoch each seed's model left the initial
+    loss plateau (:func:`phljax.study.scaling.plateau_exit`; "never" within its run)."""
+    keys = sorted({k for b in agg["bins"].values() for k in b["cells"]} if keys is None else keys)
+    lines = ["| bin | mean N | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for b, entry in agg["bins"].items():
+        row = []
+        for k in keys:
+            exits = sorted(entry["cells"].get(k, {}).get("plateau_exit", {}).items(), key=lambda kv: int(kv[0]))
+            row.append(", ".join("never" if e is None else str(e) for _, e in exits) or "–")
+        lines.append(f"| {b} | {entry['mean_atoms']:.0f} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -194,8 +214,10 @@ def render_results_md(agg: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS) 
         "have 2 or more seeds):\n\n" + _against(agg, "ef", ("onehot-fixed", "gaussian-fixed")),
         "Orthogonal against i.i.d. Gaussian probes at K = 4 (randomized regime; test RMSE, mean ± std over "
         "seeds):\n\n" + _against(agg, "gaussian-randomized-k4", ("orthogonal-randomized-k4",)),
-        "Estimator variances per bin (geometric means over the bin's test geometries and seeds):\n\n"
-        + variance_table(agg, keys),
+        "Epoch at which each model left the initial loss plateau (train force loss below "
+        f"{PLATEAU_EXIT} x its epoch-1 value; seeds in order):\n\n" + plateau_table(agg, keys),
+        "Estimator variances per bin (geometric means over the bin's test geometries and seeds; the last column "
+        "only for models evaluated with the K-probe columns):\n\n" + variance_table(agg, keys),
         'Exponents of N over every test geometry (closed form unless "empirical"; "relative" = over tr(A)^2; '
         "orthogonal_over_gaussian_k = K = 4 orthogonalised over K = 4 i.i.d. Gaussian probes):\n\n"
         + exponent_table(agg, keys),
