@@ -3,8 +3,9 @@ regimes) on the xTB scaling set's Hessian-free labels, and the one-probe estimat
 trained models' error matrices against N (`phljax.study.scaling`).
 
     python experiments/make_scale_data.py --assemble           # the set's files from its cache
-    nohup nice -n 10 python experiments/scaling.py --root results/scaling --seeds 3 \\
-        --channels 8 --lmax 1 --epochs 200 --batch-size 4 --no-progress >> results/scaling/log.txt 2>&1 &
+    nohup nice -n 10 python experiments/scaling.py --root results/scaling --seeds 3 --channels 8 --lmax 1 \\
+        --epochs 200 --batch-size 8 --lr-patience 10 --min-lr-scale 0.03125 --early-stopping 0 \\
+        --plateau-warmup 75 --no-progress --keep-going >> results/scaling/log.txt 2>&1 &   # the root's base flags
     python experiments/scaling.py --root results/scaling --status
     touch results/scaling/STOP                                   # stop after the cell in flight
     python experiments/scaling.py --root results/scaling --aggregate --plots results/scaling/plots
