@@ -448,12 +448,17 @@ def variance_summary(geoms: Sequence[dict]) -> dict[str, float]:
         out[f"{fam}_empirical_over_formula"] = float(
             stats.gmean([g["empirical"][fam] / g["formula"][fam] for g in geoms])
         )
-    kk = [g for g in geoms if "k_probe" in g]  # (evaluations before the K-probe columns have none)
-    if kk:
-        out["orthogonal_over_gaussian_k"] = float(
-            stats.gmean([g["k_probe"]["orthogonal"] / g["k_probe"]["gaussian"] for g in kk])
-        )
+    _, ratio = orthogonal_over_gaussian_k(geoms)
+    if ratio:
+        out["orthogonal_over_gaussian_k"] = float(stats.gmean(ratio))
     return out
+
+
+def orthogonal_over_gaussian_k(geoms: Sequence[dict]) -> tuple[list[int], list[float]]:
+    """(N, closed-form variance of the K-probe orthogonal estimate over the K i.i.d. Gaussian one) of
+    the geometries evaluated with the K-probe columns (evaluations before them have none)."""
+    kk = [g for g in geoms if "k_probe" in g]
+    return [g["n_atoms"] for g in kk], [g["k_probe"]["orthogonal"] / g["k_probe"]["gaussian"] for g in kk]
 
 
 PLATEAU_EXIT = 0.8  # a model has left its initial loss plateau once its train force loss is below this x epoch 1's
@@ -554,10 +559,9 @@ def aggregate(root: str) -> dict[str, Any]:
             ex[f"{fam}_empirical"] = fit_exponent(n, [g["empirical"][fam] for g in geoms])
             ex[f"{fam}_relative"] = fit_exponent(n, [g["formula"][fam] / g["trace"] ** 2 for g in geoms])
         ex["onehot_over_gaussian"] = fit_exponent(n, [g["formula"]["onehot"] / g["formula"]["gaussian"] for g in geoms])
-        kk = [g for g in geoms if "k_probe" in g]  # (evaluations before the K-probe columns have none)
-        if len(kk) > 2:
-            ratio = [g["k_probe"]["orthogonal"] / g["k_probe"]["gaussian"] for g in kk]
-            ex["orthogonal_over_gaussian_k"] = fit_exponent([g["n_atoms"] for g in kk], ratio)
+        n_k, ratio = orthogonal_over_gaussian_k(geoms)
+        if len(ratio) > 2:
+            ex["orthogonal_over_gaussian_k"] = fit_exponent(n_k, ratio)
         exponents[key] = ex
     trends = {f"{kb} vs {ka}": t for ka, kb in PAIRS if (t := gap_trend(done, ka, kb))}
     out = {"bins": dict(sorted(bins.items(), key=lambda kv: bin_low(kv[0]))), "exponents": exponents,

@@ -28,7 +28,7 @@ def _fmt(x: float | None, fmt: str) -> str:
 
 
 def _p(p: float | None) -> str:
-    return "–" if p is None else f"{p:.2g}"
+    return _fmt(p, ".2g")
 
 
 def _mean_std(c: dict | None, q: str, fmt: str = ".2f") -> str:  # "mean ± std (n=k)" of a cell's quantity
