@@ -6,6 +6,8 @@
 - A damaged newest checkpoint (truncated array file, deleted metadata, garbage bytes) falls back
   to the one before with a warning naming what was wrong; all damaged stops with a message.
 - A NaN label is skipped, counted in metrics.jsonl, never saved; NaN everywhere stops the run.
+- Processes that read, change and write back one settings file under `phljax.files.locked` lose
+  none of each other's changes; a holder killed with SIGKILL frees the lock.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -26,6 +29,7 @@ from conftest import REPO, SUBPROCESS_ENV, cli_args
 
 import phljax
 from phljax.checkpoint import Checkpointer, CheckpointError
+from phljax.files import locked
 from phljax.train.loop import initial_record
 
 KILLS = 4  # SIGKILLs per fault-injection run
@@ -219,3 +223,55 @@ def test_an_unwritable_work_directory_fails_before_training(tiny_config, run, tm
     config = tiny_config.replace(workdir=str(blocker / "run"))
     with pytest.raises(OSError, match="cannot write the work directory"):
         phljax.train(config, run)
+
+
+_INCREMENT = """
+import json, sys
+from phljax.files import locked, write_atomic
+path, n = sys.argv[1], int(sys.argv[2])
+for _ in range(n):
+    with locked(path):
+        with open(path) as f:
+            count = json.load(f)["count"]
+        write_atomic(path, json.dumps({"count": count + 1}))
+"""
+
+
+def test_locked_read_modify_writes_from_two_processes_lose_nothing(tmp_path):
+    path = str(tmp_path / "settings.json")
+    with open(path, "w") as f:
+        json.dump({"count": 0}, f)
+    procs = [subprocess.Popen([sys.executable, "-c", _INCREMENT, path, "300"], env=SUBPROCESS_ENV) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    with open(path) as f:
+        assert json.load(f)["count"] == 600
+
+
+_HOLD = """
+import sys, time
+from phljax.files import locked
+with locked(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_lock_holder_killed_with_sigkill_frees_the_lock(tmp_path):
+    path = str(tmp_path / "settings.json")
+    child = subprocess.Popen([sys.executable, "-c", _HOLD, path], stdout=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        got = threading.Event()
+
+        def take():
+            with locked(path):
+                got.set()
+
+        waiter = threading.Thread(target=take, daemon=True)
+        waiter.start()
+        assert not got.wait(0.5)  # the child holds it
+        child.send_signal(signal.SIGKILL)
+        assert got.wait(30)
+    finally:
+        child.kill()
+        child.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from conftest import TINY
 from scipy import stats
 
 import phljax
+from phljax.files import locked
 from phljax.study import scaling, scaling_report
 
 pytest.importorskip("tblite")
@@ -187,6 +189,27 @@ def test_settings_keep_every_grid_run_on_the_root(tiny_scaling, tmp_path):
     with open(os.path.join(root, scaling.SETTINGS)) as f:
         grids = json.load(f)["grids"]
     assert grids == first["grids"] + [part.to_json()]  # once, not twice
+
+
+def test_a_grid_run_waits_for_the_settings_lock(tiny_scaling, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(tiny_scaling[0], root)
+    path = os.path.join(root, scaling.SETTINGS)
+    with open(path) as f:
+        paths = json.load(f)["paths"]
+    base = phljax.Config(epochs=1, batch_size=2, progress=False, val_fraction=0.25, **TINY)
+    part = scaling.ScaleGrid(("4-9",), ("gaussian",), ("pool",), 1)  # done: the run only records its grid
+    run = threading.Thread(target=scaling.run_scaling, args=(root, base, part, paths), kwargs={"log": lambda s: None})
+    with locked(path):  # another invocation is between reading and writing scaling.json
+        run.start()
+        run.join(0.5)
+        assert run.is_alive()
+        with open(path) as f:
+            assert part.to_json() not in json.load(f)["grids"]
+    run.join(60)
+    assert not run.is_alive()
+    with open(path) as f:
+        assert json.load(f)["grids"][-1] == part.to_json()
 
 
 def test_reevaluate_fills_missing_columns_with_the_same_numbers(tiny_scaling, tmp_path):

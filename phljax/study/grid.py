@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from phljax import data as phdata
 from phljax.config import Config
-from phljax.files import write_atomic
+from phljax.files import locked, write_atomic
 from phljax.losses import SCHEMES
 
 # --probe value -> directory slug of the scheme
@@ -244,32 +244,33 @@ def open_study(root: str, base: Config, study: Study, folds: Sequence[Sequence[s
         raise ValueError(f"the study sets {owned} for each cell; leave them out of the base config")
     new = _settings(base, study, folds)
     path = os.path.join(root, STUDY_JSON)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        defaults = _plain({k: getattr(Config(), k) for k in Config.__dataclass_fields__})
-        changed = {
-            k: (old["base"].get(k, defaults.get(k)), new["base"].get(k, defaults.get(k)))
-            for k in set(old["base"]) | set(new["base"])
-        }
-        changed = {k: v for k, v in changed.items() if v[0] != v[1]}
-        for k in ("n_folds", "folds"):
-            if old.get(k) is not None and new[k] is not None and old[k] != new[k]:
-                changed[k] = (old[k], new[k])
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
-            raise ValueError(
-                f"{root} holds a study with different settings ({sorted(changed)}; {detail}); "
-                "use a new --root or the same settings to continue"
-            )
-        grid = old["grid"]
-        new["grid"] = {
-            **{k: _union(grid[k], new["grid"][k]) for k in ("protocols", "probes", "regimes")},
-            "seeds": max(grid["seeds"], new["grid"]["seeds"]),
-        }
-        new["folds"] = new["folds"] or old.get("folds")
     os.makedirs(root, exist_ok=True)
-    write_atomic(path, json.dumps(new, indent=2))
+    with locked(path):  # two invocations growing one grid: each keeps the other's part
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            defaults = _plain({k: getattr(Config(), k) for k in Config.__dataclass_fields__})
+            changed = {
+                k: (old["base"].get(k, defaults.get(k)), new["base"].get(k, defaults.get(k)))
+                for k in set(old["base"]) | set(new["base"])
+            }
+            changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+            for k in ("n_folds", "folds"):
+                if old.get(k) is not None and new[k] is not None and old[k] != new[k]:
+                    changed[k] = (old[k], new[k])
+            if changed:
+                detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+                raise ValueError(
+                    f"{root} holds a study with different settings ({sorted(changed)}; {detail}); "
+                    "use a new --root or the same settings to continue"
+                )
+            grid = old["grid"]
+            new["grid"] = {
+                **{k: _union(grid[k], new["grid"][k]) for k in ("protocols", "probes", "regimes")},
+                "seeds": max(grid["seeds"], new["grid"]["seeds"]),
+            }
+            new["folds"] = new["folds"] or old.get("folds")
+        write_atomic(path, json.dumps(new, indent=2))
     return new
 
 

@@ -44,7 +44,7 @@ from scipy import stats
 from phljax.config import Config
 from phljax.data import Molecule, load, select_records
 from phljax.datagen.labels import make_probes
-from phljax.files import write_atomic
+from phljax.files import locked, write_atomic
 from phljax.potential import Potential
 from phljax.probes import hutchinson_variance
 from phljax.study.grid import cell_metrics
@@ -268,15 +268,16 @@ def run_scaling(
     this = grid.to_json()
     settings = {"base": json.loads(base.to_json()), "grids": [this], "paths": paths}
     path = os.path.join(root, SETTINGS)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old["base"] != settings["base"]:
-            changed = sorted(k for k in settings["base"] if old["base"].get(k) != settings["base"][k])
-            raise ValueError(f"{path}: this root was run with another base config (differs in {changed})")
-        grids = old.get("grids", [old["grid"]] if "grid" in old else [])  # "grid": written before grids were kept
-        settings["grids"] = grids + ([] if this in grids else [this])
-    write_atomic(path, json.dumps(settings, indent=1))
+    with locked(path):  # two invocations on one root: each keeps the other's grid
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            if old["base"] != settings["base"]:
+                changed = sorted(k for k in settings["base"] if old["base"].get(k) != settings["base"][k])
+                raise ValueError(f"{path}: this root was run with another base config (differs in {changed})")
+            grids = old.get("grids", [old["grid"]] if "grid" in old else [])  # "grid": before grids were kept
+            settings["grids"] = grids + ([] if this in grids else [this])
+        write_atomic(path, json.dumps(settings, indent=1))
     tests: dict[str, list[Molecule]] = {}
 
     def make(cell: ScaleCell) -> None:
@@ -330,46 +331,47 @@ def amend_settings(root: str, base: Config, *, why: str, log: Callable[[str], No
         "restarted": [bin/cell]}.
     """
     path = os.path.join(root, SETTINGS)
-    with open(path) as f:
-        settings = json.load(f)
-    new = json.loads(base.to_json())
-    changed = {k: [settings["base"].get(k), v] for k, v in new.items() if settings["base"].get(k) != v}
-    frozen = sorted(set(changed) - Config.resumable_fields())
-    if frozen:
-        raise ValueError(f"{path}: {frozen} cannot change on a root with trained cells (only resumable fields can)")
-    if not changed:
-        raise ValueError(f"{path}: the base config is already this one; nothing to amend")
-    reopened, restarted = [], []
-    for b in _bin_dirs(root):
-        for name in sorted(os.listdir(os.path.join(root, b))):
-            cell = os.path.join(root, b, name)
-            if not os.path.exists(os.path.join(cell, "config.json")) or name.endswith(RESTARTED):
-                continue
-            if "plateau_warmup" in changed and _schedule_changes(cell, new["plateau_warmup"]):
-                shutil.rmtree(os.path.join(cell, "checkpoints"), ignore_errors=True)
-                for lock in glob.glob(os.path.join(cell, "study*")):
-                    os.remove(lock)  # a stale lock or failure record of the superseded run
-                os.replace(cell, cell + RESTARTED)
-                restarted.append(f"{b}/{name}")
-                log(f"restarting {b}/{name}: the warm-up changes its learning rates")
-                continue
-            results = os.path.join(cell, "results.json")
-            if not os.path.exists(results):
-                continue
-            with open(results) as f:
-                stopped = json.load(f).get("stopped")
-            if set(STOPPED_BY.get(stopped, ())) & set(changed):
-                for done in (results, os.path.join(root, b, name, EVAL)):
-                    if os.path.exists(done):
-                        os.replace(done, done.removesuffix(".json") + SUPERSEDED)
-                reopened.append(f"{b}/{name}")
-                log(f"reopened {b}/{name} (it stopped by {stopped})")
-    amendment = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "why": why, "changed": changed,
-                 "reopened": reopened, "restarted": restarted}  # fmt: skip
-    settings["base"] = new
-    settings["amendments"] = settings.get("amendments", []) + [amendment]
-    write_atomic(path, json.dumps(settings, indent=1))
-    return amendment
+    with locked(path):  # a grid run starting meanwhile must see the amended base
+        with open(path) as f:
+            settings = json.load(f)
+        new = json.loads(base.to_json())
+        changed = {k: [settings["base"].get(k), v] for k, v in new.items() if settings["base"].get(k) != v}
+        frozen = sorted(set(changed) - Config.resumable_fields())
+        if frozen:
+            raise ValueError(f"{path}: {frozen} cannot change on a root with trained cells (only resumable fields can)")
+        if not changed:
+            raise ValueError(f"{path}: the base config is already this one; nothing to amend")
+        reopened, restarted = [], []
+        for b in _bin_dirs(root):
+            for name in sorted(os.listdir(os.path.join(root, b))):
+                cell = os.path.join(root, b, name)
+                if not os.path.exists(os.path.join(cell, "config.json")) or name.endswith(RESTARTED):
+                    continue
+                if "plateau_warmup" in changed and _schedule_changes(cell, new["plateau_warmup"]):
+                    shutil.rmtree(os.path.join(cell, "checkpoints"), ignore_errors=True)
+                    for lock in glob.glob(os.path.join(cell, "study*")):
+                        os.remove(lock)  # a stale lock or failure record of the superseded run
+                    os.replace(cell, cell + RESTARTED)
+                    restarted.append(f"{b}/{name}")
+                    log(f"restarting {b}/{name}: the warm-up changes its learning rates")
+                    continue
+                results = os.path.join(cell, "results.json")
+                if not os.path.exists(results):
+                    continue
+                with open(results) as f:
+                    stopped = json.load(f).get("stopped")
+                if set(STOPPED_BY.get(stopped, ())) & set(changed):
+                    for done in (results, os.path.join(root, b, name, EVAL)):
+                        if os.path.exists(done):
+                            os.replace(done, done.removesuffix(".json") + SUPERSEDED)
+                    reopened.append(f"{b}/{name}")
+                    log(f"reopened {b}/{name} (it stopped by {stopped})")
+        amendment = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "why": why, "changed": changed,
+                     "reopened": reopened, "restarted": restarted}  # fmt: skip
+        settings["base"] = new
+        settings["amendments"] = settings.get("amendments", []) + [amendment]
+        write_atomic(path, json.dumps(settings, indent=1))
+        return amendment
 
 
 def reevaluate(
