@@ -16,6 +16,7 @@ from scipy import stats
 import phljax
 from phljax.files import locked
 from phljax.study import scaling, scaling_report
+from phljax.study.stats import paired, seed_stats
 
 pytest.importorskip("tblite")
 pytest.importorskip("rdkit")
@@ -307,3 +308,18 @@ def test_a_warmup_amendment_restarts_the_cells_whose_rates_it_changes(tiny_scali
     outcome = scaling.run_scaling(root, base.replace(plateau_warmup=5), grid, paths, log=lambda s: None)
     assert outcome["trained"] == ["1-3/onehot-pool-s1"]  # afresh; the moved folder is not a cell of the aggregate
     assert sum(c["n_seeds"] for c in scaling.aggregate(root)["bins"]["1-3"]["cells"].values()) == 4
+
+
+def test_against_table_compares_the_seeds_both_cells_have():
+    ef = {0: 2.0, 1: 2.2}
+    hvp = {0: 1.0, 1: 1.2, 2: 0.2}  # seed 2 has no E-F partner: it must not move the change
+    q = ("hessian_rmse", "forces_rmse", "energy_rmse")
+    cell = lambda by_seed: {"n_seeds": len(by_seed), **{k: seed_stats(by_seed) for k in q}}  # noqa: E731
+    st = paired({s: hvp[s] for s in ef}, ef)
+    pair = {"n_seeds": 2, **{k: {"change_pct": st["rel_diff_pct"], "p_value": st["p_value"]} for k in q}}
+    agg = {"bins": {"10-15": {"mean_atoms": 13.0, "cells": {"ef": cell(ef), "gaussian-fixed": cell(hvp)},
+                              "pairs": {"gaussian-fixed vs ef": pair}}}}  # fmt: skip
+    row = scaling_report._against(agg, "ef", ("gaussian-fixed",)).splitlines()[-1]
+    assert f"{st['rel_diff_pct']:+.0f}% (p=" in row and "-48%" in row  # (1.1 - 2.1) / 2.1 over seeds 0-1
+    del agg["bins"]["10-15"]["pairs"]["gaussian-fixed vs ef"]
+    assert "-62%" in scaling_report._against(agg, "ef", ("gaussian-fixed",))  # no pair: 0.8 / 2.1 - 1, no p

@@ -126,7 +126,8 @@ def render_tables(agg: dict[str, Any]) -> str:
 
 def _against(agg: dict[str, Any], ref: str, keys: Sequence[str]) -> str:
     """Per bin: ``ref``'s E, F, H RMSE (mean over seeds, n) and each key's change of the mean
-    against it, with the paired test's p where both have >= 2 seeds."""
+    against it: over the seeds both have, with the paired test's p, where they share >= 2 seeds;
+    else over all seeds of each, without p."""
     head = ["bin", "mean N"]
     for q in ("H", "F", "E"):
         head += [f"{ref} {q}"] + [f"{k} {q}" for k in keys]
@@ -139,9 +140,11 @@ def _against(agg: dict[str, Any], ref: str, keys: Sequence[str]) -> str:
         for q in ("hessian_rmse", "forces_rmse", "energy_rmse"):
             row.append(_mean_std(base, q))
             for k in keys:
-                change = 100 * (entry["cells"][k][q]["mean"] / base[q]["mean"] - 1)
                 pair = entry["pairs"].get(f"{k} vs {ref}")
-                row.append(f"{change:+.0f}%" + (f" (p={_p(pair[q]['p_value'])})" if pair else ""))
+                if pair and pair[q]["change_pct"] is not None:  # the seeds both have, as the p-value
+                    row.append(f"{pair[q]['change_pct']:+.0f}% (p={_p(pair[q]['p_value'])})")
+                else:
+                    row.append(f"{100 * (entry['cells'][k][q]['mean'] / base[q]['mean'] - 1):+.0f}%")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
