@@ -213,8 +213,9 @@ def render_results_md(agg: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS) 
         "Paired t-tests over seeds (bins with 2 or more seeds of both; change of b's mean against a's):\n\n"
         + pairs_table(agg),
         "HVP (fixed regime, K = 1, Hessian-free labels) against E-F (H in kcal/mol/A^2, F in kcal/mol/A, E in "
-        "kcal/mol; HVP columns: change of the mean over seeds against E-F's mean, p of the paired test where both "
-        "have 2 or more seeds):\n\n" + _against(agg, "ef", ("onehot-fixed", "gaussian-fixed")),
+        "kcal/mol; HVP columns: change of the mean against E-F's over the seeds both have, with the paired test's p, "
+        "where they share 2 or more; else over all seeds, without p):\n\n"
+        + _against(agg, "ef", ("onehot-fixed", "gaussian-fixed")),
         "Orthogonal against i.i.d. Gaussian probes at K = 4 (randomized regime; test RMSE, mean ± std over "
         "seeds):\n\n" + _against(agg, "gaussian-randomized-k4", ("orthogonal-randomized-k4",)),
         "Epoch at which each model left the initial loss plateau (train force loss below "
