@@ -23,6 +23,7 @@ from phljax.config import Config
 from phljax.data import bundled_path, load
 from phljax.evaluation import STATIONARY, stationary_metrics
 from phljax.potential import Potential
+from phljax.study.runner import Job, run_cells
 from phljax.study.stationary import STATIONARY_JSON, render_stationary, stationary_study
 from phljax.train import train
 from phljax.units import KCAL_MOL
@@ -166,6 +167,17 @@ def test_locks(tmp_path):
     assert not st.acquire_lock(workdir)
     st.release_lock(workdir)  # not ours: left alone
     assert os.path.exists(os.path.join(workdir, st.LOCK))
+
+
+def test_run_cells_rechecks_done_under_the_lock(tmp_path):
+    """A cell another process finishes between the done check and taking its lock is not made again."""
+    workdir = str(tmp_path / "cell")
+    answers = iter([False, True])  # not done at the first look, done once the lock is held
+    made = []
+    job = Job("cell", workdir, lambda: made.append(1), lambda _w: next(answers))
+    outcome = run_cells(str(tmp_path), [job], log=lambda _m: None)
+    assert made == [] and outcome["done"] == ["cell"] and outcome["trained"] == []
+    assert not os.path.exists(os.path.join(workdir, st.LOCK))
 
 
 def test_settings_checked_on_continue(tmp_path):

@@ -177,6 +177,10 @@ def run_cells(
             outcome["running"].append(job.rel)
             log(f"[{i + 1}/{len(jobs)}] {job.rel}: locked by {_lock_info(job.workdir)[0]}, skipped")
             continue
+        if job.is_done(job.workdir):  # another process finished it between the check above and the lock
+            release_lock(job.workdir)
+            outcome["done"].append(job.rel)
+            continue
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(job.workdir, FAILED))
