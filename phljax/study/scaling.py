@@ -73,12 +73,16 @@ QUANTITIES = ("energy_rmse", "forces_rmse", "hessian_rmse")  # test errors of ev
 SETTINGS = "scaling.json"
 # (key a, key b) compared per bin: one-hot against each random family per regime, K = 4
 # orthogonal against K = 4 i.i.d. Gaussian probes (randomized regime), and the fixed-regime HVP
-# schemes against E-F (what Hessian-free curvature labels buy)
+# schemes against E-F (what Hessian-free curvature labels buy) and, where E-F-H ran, the HVP
+# schemes against E-F-H (what they give up against training on every Hessian entry)
 PAIRS = (
     *((f"onehot-{r}", f"{b}-{r}") for r in REGIMES for b in ("gaussian", "rademacher")),
     ("gaussian-randomized-k4", "orthogonal-randomized-k4"),
     ("ef", "onehot-fixed"),
     ("ef", "gaussian-fixed"),
+    ("efh", "onehot-fixed"),
+    ("efh", "gaussian-fixed"),
+    ("efh", "gaussian-randomized-k4"),
 )
 
 

@@ -12,6 +12,12 @@ from phljax.study.scaling import PLATEAU_EXIT, QUANTITIES
 
 #: the cell keys RESULTS.md's variance and exponent tables keep (:func:`render_results_md`)
 HEADLINE_KEYS = ("ef", "gaussian-fixed", "onehot-fixed")
+# the references HVP schemes are held against, and those schemes (the PAIRS of phljax.study.scaling)
+AGAINST = {
+    "ef": ("onehot-fixed", "gaussian-fixed"),
+    "efh": ("onehot-fixed", "gaussian-fixed", "gaussian-randomized-k4"),
+}
+LABELS = {"ef": "E-F", "efh": "E-F-H"}
 
 
 def _pct_p(x: dict) -> str:  # "change | p"; None (no spread, zero mean) reads "–"
@@ -189,12 +195,12 @@ def headline(agg: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS) -> str:
             f"{_range(ends[0][1])} at {ends[0][0]:.0f} atoms, {_range(ends[1][1])} at {ends[1][0]:.0f} atoms; "
             f"exponent of N (trained as: exponent [95% CI]): {exps}."
         )
-    for k in ("onehot-fixed", "gaussian-fixed"):
-        t = agg.get("gap_trends", {}).get(f"{k} vs ef")
+    for ref, k in ((r, k) for r, ks in AGAINST.items() for k in ks):
+        t = agg.get("gap_trends", {}).get(f"{k} vs {ref}")
         if t:
             h, pool = t["hessian_rmse"], t["pooled"]["hessian_rmse"]
             lines.append(
-                f"- {k} / E-F test Hessian RMSE: pooled {pool['ratio']:.2f} {_ci(pool, '.2f')} (p = "
+                f"- {k} / {LABELS[ref]} test Hessian RMSE: pooled {pool['ratio']:.2f} {_ci(pool, '.2f')} (p = "
                 f"{_p(pool['p_value'])}, {pool['n_points']} (bin, seed) pairs); exponent of N {h['exponent']:+.3f} "
                 f"{_ci(h, '+.3f')} (p = {_p(h['p_value'])}). Forces pooled {t['pooled']['forces_rmse']['ratio']:.2f} "
                 f"(p = {_p(t['pooled']['forces_rmse']['p_value'])}), energies "
@@ -214,8 +220,10 @@ def render_results_md(agg: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS) 
         + pairs_table(agg),
         "HVP (fixed regime, K = 1, Hessian-free labels) against E-F (H in kcal/mol/A^2, F in kcal/mol/A, E in "
         "kcal/mol; HVP columns: change of the mean against E-F's over the seeds both have, with the paired test's p, "
-        "where they share 2 or more; else over all seeds, without p):\n\n"
-        + _against(agg, "ef", ("onehot-fixed", "gaussian-fixed")),
+        "where they share 2 or more; else over all seeds, without p):\n\n" + _against(agg, "ef", AGAINST["ef"]),
+        "HVP against E-F-H, in the bins whose training samples carry Hessians (fixed regime: one stored probe and "
+        "its HVP per sample, no Hessian; randomized regime, K = 4: new Gaussian probes every step on the training "
+        "Hessians; columns as in the table above):\n\n" + _against(agg, "efh", AGAINST["efh"]),
         "Orthogonal against i.i.d. Gaussian probes at K = 4 (randomized regime; test RMSE, mean ± std over "
         "seeds):\n\n" + _against(agg, "gaussian-randomized-k4", ("orthogonal-randomized-k4",)),
         "Epoch at which each model left the initial loss plateau (train force loss below "
