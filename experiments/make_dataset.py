@@ -99,7 +99,7 @@ def config(args: argparse.Namespace) -> reactions.ReactionConfig:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    reactions.setup_logging(args.cache)
+    reactions.setup_logging(args.cache, to_file=not args.assemble)  # the cache's log.txt records labelling runs
     if not args.assemble:
         cfg = config(args)
         rxns = reactions.read_reactions(args.reactions)

@@ -68,7 +68,7 @@ def config(args: argparse.Namespace) -> scale.ScaleConfig:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    setup_logging(args.cache)
+    setup_logging(args.cache, to_file=not args.assemble)  # the cache's log.txt records labelling runs
     if not args.assemble:
         names = [n for n in args.only.split(",") if n] or None
         try:

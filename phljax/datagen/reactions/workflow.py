@@ -232,17 +232,22 @@ def _check_cache_config(cfg_path: str, cfg: ReactionConfig) -> None:
         save_json(cfg_path, cfg.to_json())
 
 
-def setup_logging(cache_dir: str) -> None:
-    """Log the ``phljax.datagen`` logger to ``<cache_dir>/log.txt`` (appending) and to stderr.
+def setup_logging(cache_dir: str, *, to_file: bool = True) -> None:
+    """Log the ``phljax.datagen`` logger to stderr and, with ``to_file``, to ``<cache_dir>/log.txt``
+    (appending: the cache's labelling record; an assemble-only run, which labels nothing, leaves it
+    alone).
 
     :func:`run`'s worker processes send their records to these handlers too.
     """
-    os.makedirs(cache_dir, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
     log.propagate = False  # geomeTRIC configures the root logger with its own handlers
     log.handlers.clear()
-    for handler in (logging.FileHandler(os.path.join(cache_dir, "log.txt")), logging.StreamHandler()):
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if to_file:
+        os.makedirs(cache_dir, exist_ok=True)
+        handlers.insert(0, logging.FileHandler(os.path.join(cache_dir, "log.txt")))
+    for handler in handlers:
         handler.setFormatter(fmt)
         log.addHandler(handler)
 
