@@ -8,15 +8,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from phljax.study.scaling import PLATEAU_EXIT, QUANTITIES
+from phljax.study.scaling import PAIRS, PLATEAU_EXIT, QUANTITIES
 
 #: the cell keys RESULTS.md's variance and exponent tables keep (:func:`render_results_md`)
 HEADLINE_KEYS = ("ef", "gaussian-fixed", "onehot-fixed")
-# the references HVP schemes are held against, and those schemes (the PAIRS of phljax.study.scaling)
-AGAINST = {
-    "ef": ("onehot-fixed", "gaussian-fixed"),
-    "efh": ("onehot-fixed", "gaussian-fixed", "gaussian-randomized-k4"),
-}
+# the references HVP schemes are held against, and those schemes, as PAIRS compares them
+AGAINST = {ref: tuple(b for a, b in PAIRS if a == ref) for ref in ("ef", "efh")}
 LABELS = {"ef": "E-F", "efh": "E-F-H"}
 
 
