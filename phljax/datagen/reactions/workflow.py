@@ -243,11 +243,11 @@ def setup_logging(cache_dir: str, *, to_file: bool = True) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False  # geomeTRIC configures the root logger with its own handlers
     log.handlers.clear()
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers: list[logging.Handler] = []
     if to_file:
         os.makedirs(cache_dir, exist_ok=True)
-        handlers.insert(0, logging.FileHandler(os.path.join(cache_dir, "log.txt")))
-    for handler in handlers:
+        handlers.append(logging.FileHandler(os.path.join(cache_dir, "log.txt")))
+    for handler in (*handlers, logging.StreamHandler()):
         handler.setFormatter(fmt)
         log.addHandler(handler)
 
